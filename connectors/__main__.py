@@ -1,0 +1,5 @@
+import sys
+
+from connectors.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cryptomus exchange: WebSocket market and account streams."""

@@ -1,0 +1,482 @@
+"""Cryptomus WebSocket protocol: frames in, typed events out; requests built as text.
+
+Pure functions only: no sockets, no Kafka, no clock. Decimals keep the exchange's
+exact text: JSON numbers are decoded into :class:`JsonNumber` (a ``str`` holding the
+literal), so ``0.00000001`` stays ``"0.00000001"`` (``Decimal`` would print ``1E-8``).
+
+Sample update frame::
+
+    {"id":0,"method":"trade_update","data":{"symbol":"BTC_USDT","timestamp":1750953177,
+     "trades":[{"price":107100.01,"quantity":0.000254,"timestamp":1750953177,
+     "direction":"buy"}]},"error":null}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from connectors.runtime.errors import BadMessage, ConfigError
+
+EXCHANGE = "cryptomus"
+PUBLIC_CHANNELS = ("lastprice", "depth", "ticker", "trade")
+PRIVATE_CHANNELS = ("order", "balance", "deal")
+CHANNELS = PUBLIC_CHANNELS + PRIVATE_CHANNELS
+
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_REPLY_METHODS = {"pong", "ping"} | {
+    f"{c}_{op}" for c in CHANNELS for op in ("subscribe", "unsubscribe")
+}
+
+
+class JsonNumber(str):
+    """The exact text of a JSON number as the exchange wrote it."""
+
+    __slots__ = ()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON keeping every number's text; raises BadMessage(invalid_json)."""
+    try:
+        return json.loads(
+            text, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadMessage("invalid_json", str(exc)) from None
+
+
+# -- frames ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    code: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer to one of our requests (pong, subscription status) or an error answer."""
+
+    id: str | None
+    method: str | None
+    data: Any
+    error: ErrorInfo | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One normalized record: ``key`` is the market symbol (currency for balances)."""
+
+    channel: str
+    key: str
+    event_time_ms: int | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    channel: str
+    events: list[Event]
+
+
+def _id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # JsonNumber or a string id such as "3"
+        return str(value)
+    raise BadMessage("invalid_frame", f"id has type {type(value).__name__}")
+
+
+def _error(value: Any) -> ErrorInfo | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return ErrorInfo(None, str(value)[:200])
+    code = value.get("code")
+    try:
+        code_int = int(code) if code is not None else None
+    except (TypeError, ValueError):
+        code_int = None
+    return ErrorInfo(code_int, str(value.get("message", ""))[:200])
+
+
+def parse_frame(text: str | bytes) -> Reply | Update:
+    """Turn one WebSocket text frame into a Reply or an Update.
+
+    Raises :class:`BadMessage` with reason ``invalid_json``, ``invalid_frame``,
+    ``unknown_method`` or ``invalid_payload``.
+    """
+    obj = loads(text)
+    if not isinstance(obj, dict):
+        raise BadMessage("invalid_frame", f"frame is a JSON {type(obj).__name__}, not an object")
+    method = obj.get("method")
+    if method is not None and not isinstance(method, str):
+        raise BadMessage("invalid_frame", "method is not a string")
+    if method is not None and method.endswith("_update"):
+        channel = method[: -len("_update")]
+        parser = _UPDATE_PARSERS.get(channel)
+        if parser is None:
+            raise BadMessage("unknown_method", f"unknown update method {method!r}")
+        if obj.get("error") is not None:
+            raise BadMessage("invalid_payload", f"{method} carries an error")
+        data = obj.get("data")
+        try:
+            events = parser(data)
+        except BadMessage:
+            raise
+        except (KeyError, TypeError, ValueError, InvalidOperation) as exc:
+            raise BadMessage("invalid_payload", f"{method}: {type(exc).__name__}: {exc}") from None
+        return Update(channel, events)
+    error = _error(obj.get("error"))
+    if method is not None and method not in _REPLY_METHODS and error is None:
+        raise BadMessage("unknown_method", f"unknown method {method!r}")
+    if "data" not in obj and "error" not in obj:
+        raise BadMessage("invalid_frame", "neither data nor error in frame")
+    return Reply(_id(obj.get("id")), method, obj.get("data"), error)
+
+
+# -- field helpers ---------------------------------------------------------------------
+
+
+def _need(obj: Any, key: str) -> Any:
+    if not isinstance(obj, Mapping):
+        raise BadMessage("invalid_payload", f"expected an object holding {key!r}")
+    if key not in obj:
+        raise BadMessage("invalid_payload", f"missing field {key!r}")
+    return obj[key]
+
+
+def dec(value: Any, field: str) -> str:
+    """An exact decimal as text: a JSON string or JSON number holding a finite decimal."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        return str(value)
+    raise BadMessage("invalid_payload", f"{field} is not a decimal: {str(value)[:40]!r}")
+
+
+def opt_dec(value: Any, field: str) -> str | None:
+    return None if value is None else dec(value, field)
+
+
+def ts_ms(value: Any, field: str) -> int:
+    """Unix seconds (integer or decimal) to integer milliseconds."""
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        ms = Decimal(value) * 1000
+        if ms >= 0:
+            return int(ms)
+    raise BadMessage("invalid_payload", f"{field} is not a Unix timestamp: {str(value)[:40]!r}")
+
+
+def opt_ts_ms(value: Any, field: str) -> int | None:
+    return None if value is None else ts_ms(value, field)
+
+
+def text(value: Any, field: str) -> str:
+    if isinstance(value, str) and not isinstance(value, JsonNumber) and value:
+        return value
+    raise BadMessage("invalid_payload", f"{field} is not a non-empty string")
+
+
+def opt_text(value: Any, field: str) -> str | None:
+    return None if value is None else text(value, field)
+
+
+def one_of(value: Any, field: str, allowed: Iterable[str]) -> str:
+    if isinstance(value, str) and value in allowed:
+        return str(value)
+    raise BadMessage(
+        "invalid_payload", f"{field} is {str(value)[:40]!r}, not one of {sorted(allowed)}"
+    )
+
+
+def integer(value: Any, field: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\d+", value):
+        return int(value)
+    raise BadMessage("invalid_payload", f"{field} is not an integer: {str(value)[:40]!r}")
+
+
+def boolean(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise BadMessage("invalid_payload", f"{field} is not true/false")
+
+
+def _levels(value: Any, field: str) -> list[list[str]]:
+    if not isinstance(value, list):
+        raise BadMessage("invalid_payload", f"{field} is not a list")
+    out = []
+    for i, level in enumerate(value):
+        if not isinstance(level, list) or len(level) != 2:
+            raise BadMessage("invalid_payload", f"{field}[{i}] is not a [price, quantity] pair")
+        out.append([dec(level[0], f"{field}[{i}].price"), dec(level[1], f"{field}[{i}].quantity")])
+    return out
+
+
+# -- update parsers (one per channel) ----------------------------------------------------
+
+
+def parse_lastprice(data: Any) -> list[Event]:
+    """``{"symbol":"BTC_USDT","timestamp":1750953362,"price":"107152.55"}``"""
+    symbol = text(_need(data, "symbol"), "symbol")
+    return [
+        Event(
+            "lastprice",
+            symbol,
+            ts_ms(_need(data, "timestamp"), "timestamp"),
+            {"price": dec(_need(data, "price"), "price")},
+        )
+    ]
+
+
+_TICKER_FIELDS = ("price", "open", "high", "low", "volume", "quote_volume", "price_change")
+
+
+def parse_ticker(data: Any) -> list[Event]:
+    """``{"symbol":"BTC_USDT","timestamp":1750953144,"price":"107090.35","open":...}``"""
+    symbol = text(_need(data, "symbol"), "symbol")
+    fields = {name: dec(_need(data, name), name) for name in _TICKER_FIELDS}
+    return [Event("ticker", symbol, ts_ms(_need(data, "timestamp"), "timestamp"), fields)]
+
+
+def parse_depth(data: Any) -> list[Event]:
+    """``{"symbol":"BTC_USDT","timestamp":1750952911,"full_reload":false,"scale_index":0,
+    "asks":[["107043.93","0.304313"]],"bids":[["106976.11","0"]]}`` ("0" = level gone)."""
+    symbol = text(_need(data, "symbol"), "symbol")
+    body = {
+        "scale_index": integer(_need(data, "scale_index"), "scale_index"),
+        "full_reload": boolean(_need(data, "full_reload"), "full_reload"),
+        "asks": _levels(_need(data, "asks"), "asks"),
+        "bids": _levels(_need(data, "bids"), "bids"),
+    }
+    return [Event("depth", symbol, ts_ms(_need(data, "timestamp"), "timestamp"), body)]
+
+
+def parse_trade(data: Any) -> list[Event]:
+    """One event per trade; price and quantity arrive as JSON numbers and stay exact."""
+    symbol = text(_need(data, "symbol"), "symbol")
+    update_ts = opt_ts_ms(data.get("timestamp"), "timestamp")
+    trades = _need(data, "trades")
+    if not isinstance(trades, list):
+        raise BadMessage("invalid_payload", "trades is not a list")
+    events = []
+    for i, trade in enumerate(trades):
+        when = (
+            opt_ts_ms(trade.get("timestamp"), f"trades[{i}].timestamp")
+            if isinstance(trade, Mapping)
+            else None
+        )
+        body = {
+            "price": dec(_need(trade, "price"), f"trades[{i}].price"),
+            "quantity": dec(_need(trade, "quantity"), f"trades[{i}].quantity"),
+            "side": one_of(_need(trade, "direction"), f"trades[{i}].direction", ("buy", "sell")),
+        }
+        events.append(Event("trade", symbol, when if when is not None else update_ts, body))
+    return events
+
+
+_ORDER_EVENTS = ("created", "updated", "finished")
+
+
+def parse_order(data: Any) -> list[Event]:
+    """``{"type":"created","info":{"id":"01JY...","symbol":"TRX_USDT","orderType":"limit",
+    "direction":"sell","price":"0.22...","quantity":"50.0...", ...,"createTs":1750696376}}``"""
+    kind = one_of(_need(data, "type"), "type", _ORDER_EVENTS)
+    info = _need(data, "info")
+    created = ts_ms(_need(info, "createTs"), "info.createTs")
+    updated = opt_ts_ms(info.get("updateTs"), "info.updateTs")
+    finished = opt_ts_ms(info.get("finishTs"), "info.finishTs")
+    body = {
+        "event": kind,
+        "order_id": text(_need(info, "id"), "info.id"),
+        "order_type": text(_need(info, "orderType"), "info.orderType"),
+        "side": one_of(_need(info, "direction"), "info.direction", ("buy", "sell")),
+        "price": opt_dec(info.get("price"), "info.price"),
+        "quantity": opt_dec(info.get("quantity"), "info.quantity"),
+        "value": opt_dec(info.get("value"), "info.value"),
+        "filled_quantity": dec(_need(info, "filledQuantity"), "info.filledQuantity"),
+        "filled_value": dec(_need(info, "filledValue"), "info.filledValue"),
+        "client_order_id": opt_text(info.get("clientOid"), "info.clientOid"),
+        "created_at_ms": created,
+        "updated_at_ms": updated,
+        "finished_at_ms": finished,
+        "state": opt_text(info.get("state"), "info.state"),
+        "internal_state": opt_text(info.get("internalState"), "info.internalState"),
+    }
+    event_time = finished if kind == "finished" and finished else updated or created
+    symbol = text(_need(info, "symbol"), "info.symbol")
+    return [Event("order", symbol, event_time, body)]
+
+
+def parse_balance(data: Any) -> list[Event]:
+    """``{"info":{"walletId":"01J7...","currencyCode":"USDT","amount":"50.0...",
+    "oldBalance":"40000.0...","newBalance":"39950.00000000"}}`` (no timestamp)."""
+    info = _need(data, "info")
+    currency = text(_need(info, "currencyCode"), "info.currencyCode")
+    body = {
+        "wallet_id": text(_need(info, "walletId"), "info.walletId"),
+        "currency": currency,
+        "amount": dec(_need(info, "amount"), "info.amount"),
+        "old_balance": dec(_need(info, "oldBalance"), "info.oldBalance"),
+        "new_balance": dec(_need(info, "newBalance"), "info.newBalance"),
+    }
+    return [Event("balance", currency, None, body)]
+
+
+def parse_deal(data: Any) -> list[Event]:
+    """``{"info":{"dealId":"01JY...","symbol":"TRX_USDT","dealState":"completed",
+    "filledPrice":"0.27...","fee":"1.09...","feeCurrency":"USDT","tradeRole":"taker",
+    "committedAt":1750774869, ...}}``"""
+    info = _need(data, "info")
+    committed = ts_ms(_need(info, "committedAt"), "info.committedAt")
+    body = {
+        "deal_id": text(_need(info, "dealId"), "info.dealId"),
+        "deal_state": text(_need(info, "dealState"), "info.dealState"),
+        "transaction_id": opt_text(info.get("transactionId"), "info.transactionId"),
+        "filled_price": dec(_need(info, "filledPrice"), "info.filledPrice"),
+        "filled_quantity": dec(_need(info, "filledQuantity"), "info.filledQuantity"),
+        "filled_value": dec(_need(info, "filledValue"), "info.filledValue"),
+        "fee": dec(_need(info, "fee"), "info.fee"),
+        "fee_currency": text(_need(info, "feeCurrency"), "info.feeCurrency"),
+        "trade_role": one_of(_need(info, "tradeRole"), "info.tradeRole", ("maker", "taker")),
+        "committed_at_ms": committed,
+    }
+    return [Event("deal", text(_need(info, "symbol"), "info.symbol"), committed, body)]
+
+
+_UPDATE_PARSERS: dict[str, Callable[[Any], list[Event]]] = {
+    "lastprice": parse_lastprice,
+    "depth": parse_depth,
+    "ticker": parse_ticker,
+    "trade": parse_trade,
+    "order": parse_order,
+    "balance": parse_balance,
+    "deal": parse_deal,
+}
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def request(req_id: int, method: str, params: Sequence[str] = ()) -> str:
+    return json.dumps(
+        {"id": req_id, "method": method, "params": list(params)}, separators=(",", ":")
+    )
+
+
+def ping(req_id: int) -> str:
+    """``{"id":0,"method":"ping","params":[]}``"""
+    return request(req_id, "ping")
+
+
+def subscribe(req_id: int, channel: str, params: Sequence[str]) -> str:
+    """One request per data type carrying every market (re-subscribing is rejected)."""
+    return request(req_id, f"{channel}_subscribe", params)
+
+
+def unsubscribe(req_id: int, channel: str, params: Sequence[str] = ("all",)) -> str:
+    return request(req_id, f"{channel}_unsubscribe", params)
+
+
+# -- REST answers and subscription planning -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    symbol: str
+    base: str
+    quote: str
+
+
+def parse_token(body: bytes | str) -> str:
+    """``{"token": "168b34a3...a094"}``"""
+    obj = loads(body)
+    token = obj.get("token") if isinstance(obj, dict) else None
+    if not isinstance(token, str) or not token or isinstance(token, JsonNumber):
+        raise BadMessage("invalid_payload", "token answer holds no token")
+    return token
+
+
+def parse_markets(body: bytes | str) -> list[Market]:
+    """``{"result":[{"id":"01HS...","symbol":"BTC_USDT","baseCurrency":"BTC",...}]}``"""
+    obj = loads(body)
+    rows = obj.get("result") if isinstance(obj, dict) else None
+    if not isinstance(rows, list):
+        raise BadMessage("invalid_payload", "market list has no result array")
+    return [
+        Market(
+            text(_need(r, "symbol"), "symbol"),
+            text(_need(r, "baseCurrency"), "baseCurrency"),
+            text(_need(r, "quoteCurrency"), "quoteCurrency"),
+        )
+        for r in rows
+    ]
+
+
+def parse_scales(body: bytes | str) -> dict[int, str]:
+    """``{"status":"success","message":"success","data":[{"scale":"0.01","index":0}]}``"""
+    obj = loads(body)
+    if not isinstance(obj, dict) or obj.get("status") != "success":
+        raise BadMessage("invalid_payload", "symbol-scales answer is not a success")
+    rows = obj.get("data")
+    if not isinstance(rows, list):
+        raise BadMessage("invalid_payload", "symbol-scales answer has no data array")
+    return {integer(_need(r, "index"), "index"): dec(_need(r, "scale"), "scale") for r in rows}
+
+
+def plan_subscriptions(
+    channels: Sequence[str],
+    markets: Sequence[str] | None,
+    market_list: Sequence[Market],
+    depth_scales: Mapping[str, Sequence[int]],
+    balance_currencies: Sequence[str] | None,
+) -> dict[str, list[str]]:
+    """The params of the one subscribe request per channel.
+
+    ``markets=None`` means every market: ``["all"]`` for channels that take it, and
+    an explicit ``MARKET:index`` list for depth (a scale index is per market).
+    """
+    known = {m.symbol: m for m in market_list}
+    if markets is not None:
+        unknown = [m for m in markets if m not in known]
+        if unknown:
+            raise ConfigError(f"markets not listed by the exchange: {', '.join(unknown)}")
+    chosen = list(markets) if markets is not None else sorted(known)
+    plan: dict[str, list[str]] = {}
+    for channel in channels:
+        if channel not in CHANNELS:
+            raise ConfigError(f"unknown channel {channel!r} (known: {', '.join(CHANNELS)})")
+        if channel == "depth":
+            plan[channel] = [f"{m}:{i}" for m in chosen for i in depth_scales.get(m, ())]
+            if not plan[channel]:
+                raise ConfigError("depth is enabled but no market has a scale index")
+        elif channel == "balance":
+            if balance_currencies:
+                plan[channel] = list(balance_currencies)
+            elif markets is None:
+                plan[channel] = ["all"]
+            else:
+                plan[channel] = sorted({known[m].base for m in chosen})
+        else:
+            plan[channel] = ["all"] if markets is None else list(chosen)
+    return plan
+
+
+def marker_keys(channel: str, params: Sequence[str], market_list: Sequence[Market]) -> list[str]:
+    """The record keys a resync marker goes to, so it lands in each key's partition."""
+    if list(params) == ["all"]:
+        if channel == "balance":
+            return sorted({m.base for m in market_list} | {m.quote for m in market_list})
+        return sorted(m.symbol for m in market_list)
+    return sorted({p.split(":", 1)[0] for p in params})

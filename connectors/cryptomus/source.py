@@ -1,0 +1,425 @@
+"""The Cryptomus WebSocket source: exchange frames in, Kafka records out.
+
+One connection at a time. Each connection gets a fresh one-time token, subscribes
+every channel in one request per data type, pings every ``ping_interval_s``, and is
+dropped and re-opened (jittered back-off) when the server closes it, a pong is late,
+nothing arrives for ``stale_after_s``, or Kafka stops acknowledging (back-pressure).
+Every new subscription starts a new *resync epoch*: a ``kind: resync`` marker goes to
+each key of each channel so consumers rebuild order books from the next full reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import requests
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+from connectors.cryptomus import protocol
+from connectors.cryptomus.config import CryptomusConfig
+from connectors.cryptomus.rest import CryptomusRest
+from connectors.runtime import records
+from connectors.runtime.app import RuntimeContext
+from connectors.runtime.backoff import Backoff
+from connectors.runtime.errors import AuthError, BadMessage, FatalError, RetriableError
+from connectors.runtime.kafka import OutRecord
+from connectors.runtime.logs import register_secret
+
+log = logging.getLogger(__name__)
+
+NAME = "cryptomus-ws"
+SCHEMA_VERSION = "v1"
+
+
+class CryptomusSource:
+    def __init__(
+        self,
+        config: CryptomusConfig,
+        session: requests.Session | None = None,
+        connect: Callable[..., Any] = ws_connect,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.settings = config.cryptomus
+        user_id, api_key = self.settings.credentials.resolve()
+        register_secret(user_id.reveal())
+        register_secret(api_key.reveal())
+        self.rest = CryptomusRest(
+            self.settings.api_url,
+            self.settings.scales_url,
+            user_id,
+            api_key,
+            self.settings.http_timeout_s,
+            session,
+        )
+        self._connect = connect
+        self._clock = clock
+        self._monotonic = monotonic
+        self._headers = {
+            ch: records.headers(
+                protocol.EXCHANGE, ch, "event", f"{protocol.EXCHANGE}.{ch}/{SCHEMA_VERSION}"
+            )
+            for ch in protocol.CHANNELS
+        }
+        self._topic = {ch: self.settings.topics.for_channel(ch) for ch in protocol.CHANNELS}
+        self.epoch = 0
+        self.last_message: float | None = None
+        self.plan: dict[str, list[str]] = {}
+        self.markets: list[protocol.Market] = []
+        self.connection_id = "-"
+        self._ws: Any = None
+        self._ids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
+        self._pings: dict[str, float] = {}
+
+    def topics(self) -> dict[str, dict[str, str]]:
+        names = [self._topic[ch] for ch in self.settings.channels]
+        names.append(self.settings.topics.dead_letter)
+        return {name: {} for name in names}
+
+    # -- start-up ---------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        """Market list (expands/validates markets) and depth scale indices."""
+        self.markets = await asyncio.to_thread(self.rest.markets)
+        chosen = self.settings.market_list or [m.symbol for m in self.markets]
+        scales: dict[str, list[int]] = {}
+        if "depth" in self.settings.channels:
+            if self.settings.depth_scale_indices:
+                scales = {m: list(self.settings.depth_scale_indices) for m in chosen}
+            else:
+                for market in chosen:
+                    if market in {m.symbol for m in self.markets}:
+                        found = await asyncio.to_thread(self.rest.scales, market)
+                        scales[market] = sorted(found)
+        self.plan = protocol.plan_subscriptions(
+            self.settings.channels,
+            self.settings.market_list,
+            self.markets,
+            scales,
+            self.settings.balance_currencies or None,
+        )
+        log.info(
+            "subscription plan: %s",
+            ", ".join(f"{ch}={len(p)} params" for ch, p in self.plan.items()),
+        )
+
+    async def _sleep(self, ctx: RuntimeContext, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), timeout=seconds)
+
+    # -- main loop ----------------------------------------------------------------------
+
+    async def run(self, ctx: RuntimeContext) -> None:
+        self.ctx = ctx
+        m = ctx.metrics
+        m.track_last_message(ctx.name, lambda: self.last_message)
+        for flag in ("connected", "subscribed"):
+            ctx.health.set(flag, False)
+        ctx.health.add_check("fresh", self._fresh)
+        s = self.settings
+        backoff = Backoff(initial_s=s.backoff_initial_s, cap_s=s.backoff_max_s)
+        while not ctx.stop.is_set():
+            try:
+                await self._prepare()
+                break
+            except RetriableError as exc:
+                delay = backoff.next_delay()
+                log.warning("cannot load markets (%s); retrying in %.1fs", exc, delay)
+                await self._sleep(ctx, delay)
+        backoff.reset()
+        reason = "start"
+        while not ctx.stop.is_set():
+            if not ctx.delivery.drained() and ctx.delivery.must_pause():
+                await self._wait_for_kafka(ctx)
+                continue
+            opened = self._monotonic()
+            try:
+                ended = await self._session(ctx, reason)
+            except (AuthError, FatalError):
+                raise
+            except RetriableError as exc:
+                log.warning("connection attempt failed: %s", exc)
+                ended = "error"
+            except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+                log.warning("connection failed: %s", type(exc).__name__)
+                ended = "connection_error"
+            finally:
+                ctx.health.set("connected", False)
+                ctx.health.set("subscribed", False)
+                m.connected.labels(ctx.name).set(0)
+            if ctx.stop.is_set():
+                break
+            m.reconnects.labels(ctx.name, ended).inc()
+            reason = ended
+            if self._monotonic() - opened >= s.healthy_after_s:
+                backoff.reset()
+            if ended == "kafka_unavailable":
+                await self._wait_for_kafka(ctx)
+                continue
+            delay = backoff.next_delay()
+            log.info("reconnecting in %.2fs (previous connection ended: %s)", delay, ended)
+            await self._sleep(ctx, delay)
+
+    async def _wait_for_kafka(self, ctx: RuntimeContext) -> None:
+        """Stay disconnected until Kafka acknowledged everything we buffered."""
+        log.warning(
+            "Kafka is not acknowledging (%d records buffered); exchange reading paused",
+            ctx.delivery.buffered,
+        )
+        while not ctx.stop.is_set() and not ctx.delivery.drained():
+            await self._sleep(ctx, 0.2)
+        if not ctx.stop.is_set():
+            log.info("Kafka caught up; reconnecting to the exchange")
+
+    def _fresh(self) -> bool:
+        return (
+            self.last_message is not None
+            and self._monotonic() - self.last_message < self.settings.stale_after_s
+        )
+
+    async def _session(self, ctx: RuntimeContext, reason: str) -> str:
+        """One connection from token to close; returns why it ended."""
+        s = self.settings
+        token = await asyncio.to_thread(self.rest.ws_token)
+        register_secret(token)
+        separator = "&" if "?" in s.ws_url else "?"
+        url = f"{s.ws_url}{separator}token={token}"
+        self.connection_id = uuid.uuid4().hex[:12]
+        async with self._connect(
+            url,
+            ping_interval=None,  # the exchange wants application-level pings
+            open_timeout=s.connect_timeout_s,
+            close_timeout=2,
+            max_size=s.max_frame_bytes,
+            compression=None,
+        ) as ws:
+            self._ws = ws
+            self._pending.clear()
+            self._pings.clear()
+            ctx.metrics.connections.labels(ctx.name).inc()
+            ctx.health.set("connected", True)
+            self.last_message = self._monotonic()
+            log.info("connected (connection %s)", self.connection_id)
+            reader = asyncio.create_task(self._read(ws))
+            try:
+                await self._subscribe_all(ws)
+                self._start_epoch(reason)
+                ctx.health.set("subscribed", True)
+                ctx.metrics.connected.labels(ctx.name).set(1)
+                return await self._supervise(ws, reader)
+            finally:
+                if not reader.done():
+                    reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+                for fut in self._pending.values():
+                    fut.cancel()
+                self._pending.clear()
+                self._ws = None
+
+    async def _supervise(self, ws: Any, reader: asyncio.Task[str]) -> str:
+        s = self.settings
+        next_ping = self._monotonic() + s.ping_interval_s
+        while True:
+            done, _ = await asyncio.wait({reader}, timeout=0.25)
+            if done:
+                return reader.result()
+            now = self._monotonic()
+            if self.ctx.stop.is_set():
+                await ws.close(1000, "connector stopping")
+                return "stop"
+            if self.last_message is not None and now - self.last_message > s.stale_after_s:
+                log.warning("no message for %.0fs; reconnecting", now - self.last_message)
+                await ws.close(1000, "stale")
+                return "stale"
+            if self._pings and now - min(self._pings.values()) > s.ping_timeout_s:
+                log.warning("no pong within %.1fs; reconnecting", s.ping_timeout_s)
+                await ws.close(1000, "ping timeout")
+                return "ping_timeout"
+            if self.ctx.delivery.must_pause():
+                await ws.close(1000, "kafka unavailable")
+                return "kafka_unavailable"
+            if now >= next_ping:
+                req_id = next(self._ids)
+                self._pings[str(req_id)] = now
+                await ws.send(protocol.ping(req_id))
+                next_ping = now + s.ping_interval_s
+
+    async def _request(self, ws: Any, build: Callable[[int], str]) -> protocol.Reply:
+        req_id = next(self._ids)
+        fut: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+        self._pending[str(req_id)] = fut
+        await ws.send(build(req_id))
+        try:
+            return await asyncio.wait_for(fut, timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            raise RetriableError("no answer to a request in time") from None
+        finally:
+            self._pending.pop(str(req_id), None)
+
+    async def _subscribe_all(self, ws: Any) -> None:
+        """One subscribe per data type, sent together, then every answer checked."""
+        replies = await asyncio.gather(
+            *(
+                self._request(ws, lambda i, ch=ch, p=params: protocol.subscribe(i, ch, p))
+                for ch, params in self.plan.items()
+            )
+        )
+        for (channel, params), reply in zip(self.plan.items(), replies, strict=True):
+            if reply.ok:
+                continue
+            self._count_error(reply)
+            log.warning(
+                "%s subscription refused (%s); unsubscribing and retrying",
+                channel,
+                reply.error.message if reply.error else "",
+            )
+            await self._request(ws, lambda i, ch=channel: protocol.unsubscribe(i, ch))
+            again = await self._request(
+                ws, lambda i, ch=channel, p=params: protocol.subscribe(i, ch, p)
+            )
+            if not again.ok:
+                self._count_error(again)
+                raise RetriableError(
+                    f"{channel} subscription refused: code "
+                    f"{again.error.code if again.error else '?'}"
+                )
+
+    def _count_error(self, reply: protocol.Reply) -> None:
+        code = str(reply.error.code) if reply.error and reply.error.code in (1, 2) else "other"
+        self.ctx.metrics.exchange_errors.labels(self.ctx.name, code).inc()
+
+    def _start_epoch(self, reason: str) -> None:
+        """New subscription → new epoch; a resync marker to every key of every channel."""
+        now_ms = int(self._clock() * 1000)
+        self.epoch = max(self.epoch + 1, now_ms)
+        if reason != "start":
+            self.ctx.metrics.gaps.labels(self.ctx.name, reason).inc()
+        for channel, params in self.plan.items():
+            topic = self._topic[channel]
+            hdrs = records.headers(
+                protocol.EXCHANGE,
+                channel,
+                "resync",
+                f"{protocol.EXCHANGE}.{channel}/{SCHEMA_VERSION}",
+            )
+            for key in protocol.marker_keys(channel, params, self.markets):
+                value = records.envelope(
+                    exchange=protocol.EXCHANGE,
+                    channel=channel,
+                    kind="resync",
+                    symbol=key,
+                    event_time_ms=None,
+                    receive_time_ms=now_ms,
+                    resync_epoch=self.epoch,
+                    data={"reason": reason, "connection_id": self.connection_id},
+                )
+                self.ctx.delivery.send(OutRecord(topic, value, key.encode(), hdrs, now_ms, channel))
+        log.info("resync epoch %d (%s)", self.epoch, reason)
+
+    # -- hot path ------------------------------------------------------------------------
+
+    async def _read(self, ws: Any) -> str:
+        delivery = self.ctx.delivery
+        limit = self.config.kafka.max_buffered_records
+        try:
+            async for raw in ws:
+                self.last_message = self._monotonic()
+                self._handle(raw)
+                if delivery.buffered >= limit:
+                    await ws.close(1000, "kafka unavailable")
+                    return "kafka_unavailable"
+        except websockets.exceptions.ConnectionClosedError:
+            return "connection_lost"
+        return "server_closed"
+
+    def _handle(self, raw: str | bytes) -> None:
+        now_ms = int(self._clock() * 1000)
+        try:
+            frame = protocol.parse_frame(raw)
+        except BadMessage as exc:
+            self._dead_letter(raw, exc, now_ms)
+            return
+        if isinstance(frame, protocol.Update):
+            self._produce(frame, now_ms)
+        else:
+            self._on_reply(frame)
+
+    def _produce(self, update: protocol.Update, now_ms: int) -> None:
+        ctx = self.ctx
+        channel = update.channel
+        topic = self._topic[channel]
+        hdrs = self._headers[channel]
+        lag = ctx.metrics.event_lag.labels(ctx.name, channel)
+        for event in update.events:
+            value = records.envelope(
+                exchange=protocol.EXCHANGE,
+                channel=channel,
+                kind="event",
+                symbol=event.key,
+                event_time_ms=event.event_time_ms,
+                receive_time_ms=now_ms,
+                resync_epoch=self.epoch,
+                data=event.data,
+            )
+            if event.event_time_ms is not None:
+                lag.observe(max(0.0, (now_ms - event.event_time_ms) / 1000))
+            ctx.delivery.send(
+                OutRecord(
+                    topic,
+                    value,
+                    event.key.encode(),
+                    hdrs,
+                    event.event_time_ms if event.event_time_ms is not None else now_ms,
+                    channel,
+                )
+            )
+
+    def _on_reply(self, reply: protocol.Reply) -> None:
+        if reply.method == "pong":
+            if reply.id in self._pings:
+                sent = self._pings.pop(reply.id)
+            elif self._pings:  # a server that does not echo ids: match the oldest ping
+                oldest = min(self._pings, key=self._pings.__getitem__)
+                sent = self._pings.pop(oldest)
+            else:
+                return
+            self.ctx.metrics.ping_rtt.labels(self.ctx.name).observe(self._monotonic() - sent)
+            return
+        fut = self._pending.get(reply.id) if reply.id is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+            return
+        if not reply.ok:
+            self._count_error(reply)
+            log.warning(
+                "error answer from the exchange: code %s: %s",
+                reply.error.code if reply.error else "?",
+                reply.error.message if reply.error else "",
+            )
+
+    def _dead_letter(self, raw: str | bytes, exc: BadMessage, now_ms: int) -> None:
+        ctx = self.ctx
+        ctx.metrics.dead_letters.labels(ctx.name, exc.reason).inc()
+        log.warning("dead-lettered a frame: %s", exc)
+        ctx.delivery.send(
+            records.dead_letter(
+                topic=self.settings.topics.dead_letter,
+                raw=raw,
+                reason=exc.reason,
+                detail=exc.detail,
+                exchange=protocol.EXCHANGE,
+                receive_time_ms=now_ms,
+                source=f"{NAME}/{self.connection_id}",
+            )
+        )

@@ -1,0 +1,174 @@
+"""Run one connector: Kafka, metrics, health, signals, drain on stop.
+
+Concurrency model (one per process, on purpose): a single asyncio event loop runs the
+connector (exchange I/O, parsing, handing records to the producer). Three kinds of
+threads exist beside it, each with one job: kafka-python's sender thread (network I/O
+to Kafka; its callbacks only update counters under a lock), the health HTTP server
+thread (reads state, never writes it), and short-lived worker threads for blocking
+REST calls (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from connectors.runtime.backoff import Backoff
+from connectors.runtime.errors import ConfigError, FatalError, RetriableError
+from connectors.runtime.health import HealthServer, HealthState
+from connectors.runtime.kafka import Delivery, KafkaSettings, ensure_topics
+from connectors.runtime.metrics import Metrics
+from connectors.runtime.plugins import ConnectorPlugin
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The ``runtime:`` section of every connector's config."""
+
+    health_host: str = "0.0.0.0"
+    health_port: int = 8080
+    log_level: str = "INFO"
+    log_json: bool = False
+    #: How long SIGTERM waits for Kafka to acknowledge buffered records.
+    drain_timeout_s: float = 20.0
+
+    def validate(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"runtime.log_level: unknown level {self.log_level!r}")
+
+
+@dataclass
+class RuntimeContext:
+    """What a running connector gets from the runtime."""
+
+    name: str
+    metrics: Metrics
+    health: HealthState
+    delivery: Delivery
+    stop: asyncio.Event
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    health_port: int | None = None
+    error: str | None = None
+
+
+async def _heartbeat(health: HealthState, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        health.beat()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+async def _connect_kafka(
+    settings: KafkaSettings,
+    metrics: Metrics,
+    name: str,
+    topics: dict[str, dict[str, str]],
+    stop: asyncio.Event,
+) -> Delivery | None:
+    """Retry until Kafka answers (not ready meanwhile) or stop is requested."""
+    backoff = Backoff(initial_s=0.5, cap_s=15.0)
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(ensure_topics, settings, topics, topics)
+            return await asyncio.to_thread(Delivery.connect, settings, metrics, name, topics)
+        except RetriableError as exc:
+            delay = backoff.next_delay()
+            log.warning("Kafka not ready (%s); retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+    return None
+
+
+async def _run_until_delivery_fails(work: Any, delivery: Delivery) -> None:
+    """Run the connector, but end it as soon as Kafka reports a failed delivery.
+
+    A callback failure happens on the sender thread; watching for it here means a
+    lost record stops the process even if the connector is idle at that moment.
+    """
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if delivery.failure is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise FatalError(f"Kafka did not acknowledge a record: {delivery.failure!r}")
+    task.result()
+
+
+async def run_connector(
+    plugin: ConnectorPlugin,
+    config: Any,
+    stop: asyncio.Event | None = None,
+    install_signals: bool = True,
+    started: asyncio.Future[RunResult] | None = None,
+) -> RunResult:
+    """Run ``plugin`` with ``config`` until stopped; returns the process exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    runtime: RuntimeSettings = config.runtime
+    kafka: KafkaSettings = config.kafka
+    metrics = Metrics()
+    health = HealthState()
+    server = HealthServer(health, metrics, runtime.health_host, runtime.health_port).start()
+    result = RunResult(EXIT_OK, server.port)
+    log.info("%s: health and metrics on port %d", plugin.name, server.port)
+    if started is not None and not started.done():
+        started.set_result(result)
+    beat = asyncio.create_task(_heartbeat(health, stop))
+    delivery: Delivery | None = None
+    try:
+        connector = plugin.create(config)
+        topics = connector.topics()
+        health.set("kafka", False)
+        delivery = await _connect_kafka(kafka, metrics, plugin.name, topics, stop)
+        if delivery is None:
+            return result
+        health.add_check("kafka", delivery.healthy)
+        ctx = RuntimeContext(plugin.name, metrics, health, delivery, stop)
+        await _run_until_delivery_fails(connector.run(ctx), delivery)
+    except ConfigError as exc:
+        log.error("%s: configuration error: %s", plugin.name, exc)
+        result.exit_code, result.error = EXIT_CONFIG, str(exc)
+    except FatalError as exc:
+        log.error("%s: stopping on a fatal error: %s", plugin.name, exc)
+        result.exit_code, result.error = EXIT_FATAL, str(exc)
+    finally:
+        health.set("stopping", False)
+        if delivery is not None:
+            flushed = await asyncio.to_thread(delivery.flush, runtime.drain_timeout_s)
+            if not flushed:
+                log.error(
+                    "%s: %d records were not acknowledged by Kafka before exit (%d failed)",
+                    plugin.name,
+                    delivery.buffered,
+                    delivery.failed_records,
+                )
+                if result.exit_code == EXIT_OK:
+                    result.exit_code, result.error = EXIT_FATAL, "records not delivered"
+            await asyncio.to_thread(delivery.close, 5.0)
+        stop.set()
+        await beat
+        server.stop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return result

@@ -1,0 +1,290 @@
+"""Kafka delivery shared by every connector: settings, topic set-up, a tracked producer.
+
+:class:`Delivery` wraps kafka-python's ``KafkaProducer`` (acks=all, idempotent) and
+puts a callback on every send. It keeps the count and age of unacknowledged records
+so a source can stop reading from the exchange *before* memory grows without bound,
+and it turns any failed delivery into a fatal error the runner exits on: a record
+the broker never acknowledged is never forgotten quietly.
+
+Threads: ``send`` is called from the connector's event loop; callbacks run on
+kafka-python's sender thread, so the bookkeeping they touch is guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from connectors.runtime.config import Secret
+from connectors.runtime.errors import ConfigError, FatalError, RetriableError
+from connectors.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Settings the runtime owns: delivery guarantees are not negotiable per deployment.
+_OWNED = {
+    "bootstrap_servers",
+    "acks",
+    "enable_idempotence",
+    "key_serializer",
+    "value_serializer",
+    "kafka_client",
+    "transactional_id",
+}
+_SECRET_HINTS = ("password", "token", "secret")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """The ``kafka:`` section of every connector's config."""
+
+    bootstrap_servers: str = "localhost:9092"
+    #: Passed to kafka-python as they are: security_protocol, sasl_mechanism,
+    #: sasl_plain_username/password, ssl_cafile/certfile/keyfile, client_id, ...
+    client: dict[str, Any] = field(default_factory=dict)
+    linger_ms: int = 5
+    compression_type: str | None = None
+    delivery_timeout_ms: int = 120_000
+    request_timeout_ms: int = 30_000
+    #: Unacknowledged records allowed before the source stops reading (memory bound).
+    max_buffered_records: int = 20_000
+    #: Stop reading when the oldest unacknowledged record is older than this.
+    stall_after_s: float = 10.0
+    create_topics: bool = True
+    topic_partitions: int = 3
+    replication_factor: int = 1
+
+    def validate(self) -> None:
+        allowed = set(KafkaProducer.DEFAULT_CONFIG) - _OWNED
+        for key in self.client:
+            if key in _OWNED:
+                raise ConfigError(
+                    f"kafka.client.{key} is set by the connector and cannot be changed"
+                )
+            if key not in allowed:
+                raise ConfigError(f"kafka.client: unknown kafka-python setting {key!r}")
+        if self.max_buffered_records < 1:
+            raise ConfigError("kafka.max_buffered_records must be at least 1")
+        if self.stall_after_s * 1000 >= self.delivery_timeout_ms:
+            raise ConfigError("kafka.stall_after_s must be shorter than delivery_timeout_ms")
+
+    def client_config(self) -> dict[str, Any]:
+        """Connection settings common to producer, consumer and admin client."""
+        out: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(",")}
+        for key, value in self.client.items():
+            out[key] = value.reveal() if isinstance(value, Secret) else value
+        return out
+
+    def __repr__(self) -> str:
+        shown = {
+            k: ("***" if any(h in k for h in _SECRET_HINTS) else v) for k, v in self.client.items()
+        }
+        return f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, client={shown!r})"
+
+
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    cfg = settings.client_config()
+    cfg.update(
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=settings.linger_ms,
+        delivery_timeout_ms=settings.delivery_timeout_ms,
+        request_timeout_ms=settings.request_timeout_ms,
+        # send() must never block the event loop for long; topics' metadata is
+        # fetched before the first record, so only a full buffer could block here.
+        max_block_ms=5_000,
+    )
+    if settings.compression_type:
+        cfg["compression_type"] = settings.compression_type
+    return cfg
+
+
+def ensure_topics(
+    settings: KafkaSettings, topics: Iterable[str], configs: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Create missing topics (when allowed) so the first records are not refused."""
+    wanted = sorted(set(topics))
+    try:
+        admin = KafkaAdminClient(**settings.client_config())
+    except (NoBrokersAvailable, KafkaError) as exc:
+        raise RetriableError(f"Kafka not reachable at {settings.bootstrap_servers}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing and not settings.create_topics:
+            raise ConfigError(f"topics do not exist and kafka.create_topics is false: {missing}")
+        if missing:
+            new = [
+                NewTopic(
+                    t,
+                    settings.topic_partitions,
+                    settings.replication_factor,
+                    topic_configs=(configs or {}).get(t, {}),
+                )
+                for t in missing
+            ]
+            try:
+                admin.create_topics(new)
+                log.info("created topics %s", ", ".join(missing))
+            except TopicAlreadyExistsError:
+                pass
+    except KafkaError as exc:
+        raise RetriableError(f"cannot list or create topics: {exc}") from exc
+    finally:
+        admin.close()
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+    timestamp_ms: int | None = None
+    channel: str = "-"
+
+
+class Delivery:
+    """A producer whose every send is tracked until the broker acknowledges it."""
+
+    def __init__(
+        self,
+        producer: Any,
+        metrics: Metrics,
+        connector: str,
+        max_buffered: int,
+        stall_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._producer = producer
+        self._metrics = metrics
+        self._connector = connector
+        self._max_buffered = max_buffered
+        self._stall_after_s = stall_after_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[int, float] = OrderedDict()
+        self._seq = itertools.count()
+        self.failure: BaseException | None = None
+        self.failed_records = 0
+        self.acked_records = 0
+        self.last_ack: float | None = None
+        self._buffered_gauge = metrics.buffered.labels(connector)
+        self._latency = metrics.produce_latency.labels(connector)
+
+    @classmethod
+    def connect(
+        cls, settings: KafkaSettings, metrics: Metrics, connector: str, topics: Iterable[str]
+    ) -> Delivery:
+        """Create the producer and load every topic's metadata up front."""
+        try:
+            producer = KafkaProducer(**producer_config(settings))
+        except (NoBrokersAvailable, KafkaError) as exc:
+            raise RetriableError(
+                f"Kafka not reachable at {settings.bootstrap_servers}: {exc}"
+            ) from exc
+        try:
+            for topic in topics:
+                producer.partitions_for(topic)
+        except KafkaError as exc:
+            producer.close(timeout=1)
+            raise RetriableError(f"cannot load topic metadata: {exc}") from exc
+        return cls(
+            producer, metrics, connector, settings.max_buffered_records, settings.stall_after_s
+        )
+
+    # -- sending ---------------------------------------------------------------------
+
+    def send(self, record: OutRecord) -> None:
+        """Hand one record to the producer; raises :class:`FatalError` after a failure."""
+        if self.failure is not None:
+            raise FatalError(f"Kafka delivery failed earlier: {self.failure!r}")
+        seq = next(self._seq)
+        sent_at = self._clock()
+        with self._lock:
+            self._pending[seq] = sent_at
+            self._buffered_gauge.set(len(self._pending))
+        try:
+            future = self._producer.send(
+                record.topic,
+                value=record.value,
+                key=record.key,
+                headers=list(record.headers),
+                timestamp_ms=record.timestamp_ms,
+            )
+        except Exception as exc:
+            self._on_error(seq, record.channel, exc)
+            raise FatalError(
+                f"Kafka producer refused a record for {record.topic}: {exc!r}"
+            ) from exc
+        future.add_callback(self._on_ack, seq, record.channel)
+        future.add_errback(self._on_error, seq, record.channel)
+
+    def _on_ack(self, seq: int, channel: str, _metadata: Any) -> None:
+        now = self._clock()
+        with self._lock:
+            sent_at = self._pending.pop(seq, now)
+            self._buffered_gauge.set(len(self._pending))
+            self.acked_records += 1
+            self.last_ack = now
+        self._latency.observe(now - sent_at)
+        self._metrics.records.labels(self._connector, channel, "produced").inc()
+
+    def _on_error(self, seq: int, channel: str, exc: BaseException) -> None:
+        with self._lock:
+            self._pending.pop(seq, None)
+            self._buffered_gauge.set(len(self._pending))
+            self.failed_records += 1
+            if self.failure is None:
+                self.failure = exc
+        self._metrics.records.labels(self._connector, channel, "failed").inc()
+        log.error("Kafka did not accept a %s record: %r", channel, exc)
+
+    # -- back-pressure -----------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    def oldest_unacked_age(self) -> float:
+        with self._lock:
+            if not self._pending:
+                return 0.0
+            first = next(iter(self._pending.values()))
+        return self._clock() - first
+
+    def must_pause(self) -> bool:
+        """True when the source should stop reading: buffer full or Kafka stalled."""
+        return (
+            len(self._pending) >= self._max_buffered
+            or self.oldest_unacked_age() > self._stall_after_s
+        )
+
+    def drained(self) -> bool:
+        return not self._pending
+
+    def healthy(self) -> bool:
+        return self.failure is None and not self.must_pause()
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait for every buffered record; True when all were acknowledged."""
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            log.error("flush did not complete: %r", exc)
+        return self.drained() and self.failure is None
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._producer.close(timeout=timeout_s)

@@ -1,0 +1,67 @@
+"""Logging set-up: plain or JSON lines, with every registered secret scrubbed.
+
+Secrets are registered as they become known (API keys at start, one-time tokens as
+they are fetched); the formatter replaces them in the final text, exception
+tracebacks included, so a secret cannot leak through a library's log line either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+MASK = "***"
+
+
+def register_secret(value: str | None) -> None:
+    """Scrub ``value`` from every log line from now on (ignores very short values)."""
+    if value and len(value) >= 4:
+        with _lock:
+            _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    if not _secrets:
+        return text
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json_lines:
+            return redact(super().format(record))
+        entry = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(entry))
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(json_lines))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # kafka-python is chatty at INFO about every connection; keep its warnings.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
