@@ -212,8 +212,10 @@ class CryptomusSource:
             log.info("connected (connection %s)", self.connection_id)
             reader = asyncio.create_task(self._read(ws))
             try:
-                await self._subscribe_all(ws)
+                # The marker goes out before subscribing: snapshots start arriving
+                # before the subscribe answers, and they belong to the new epoch.
                 self._start_epoch(reason)
+                await self._subscribe_all(ws)
                 ctx.health.set("subscribed", True)
                 ctx.metrics.connected.labels(ctx.name).set(1)
                 return await self._supervise(ws, reader)

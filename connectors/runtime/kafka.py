@@ -23,7 +23,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from connectors.runtime.config import Secret
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
@@ -116,7 +116,7 @@ def ensure_topics(
     wanted = sorted(set(topics))
     try:
         admin = KafkaAdminClient(**settings.client_config())
-    except (NoBrokersAvailable, KafkaError) as exc:
+    except KafkaError as exc:
         raise RetriableError(f"Kafka not reachable at {settings.bootstrap_servers}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
@@ -189,7 +189,7 @@ class Delivery:
         """Create the producer and load every topic's metadata up front."""
         try:
             producer = KafkaProducer(**producer_config(settings))
-        except (NoBrokersAvailable, KafkaError) as exc:
+        except KafkaError as exc:
             raise RetriableError(
                 f"Kafka not reachable at {settings.bootstrap_servers}: {exc}"
             ) from exc

