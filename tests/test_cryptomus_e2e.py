@@ -67,9 +67,9 @@ def test_every_channel_lands_in_kafka_exactly(sim: SimulatorThread, kafka_bootst
             recs = read_topic(
                 kafka_bootstrap,
                 topic,
-                until=lambda rs, want=want: sum(
-                    json.loads(r.value)["kind"] == "event" for r in rs
-                ) >= want,
+                until=lambda rs, want=want: (
+                    sum(json.loads(r.value)["kind"] == "event" for r in rs) >= want
+                ),
                 timeout=T(30),
             )
             received[ch] = recs
@@ -97,7 +97,9 @@ def test_every_channel_lands_in_kafka_exactly(sim: SimulatorThread, kafka_bootst
             for literal in literal_decimals(frame):
                 assert literal in texts, f"{ch}: {literal} was not kept exactly"
         # Every key saw a resync marker before its first event (the initial epoch).
-        markers = [json.loads(r.value) for r in received[ch] if json.loads(r.value)["kind"] == "resync"]
+        markers = [
+            json.loads(r.value) for r in received[ch] if json.loads(r.value)["kind"] == "resync"
+        ]
         assert markers and all(m["data"]["reason"] == "start" for m in markers)
 
 
@@ -126,7 +128,10 @@ def test_depth_records_carry_the_epoch_and_start_with_a_full_reload(
         first = next(v for v in events if v["data"]["scale_index"] == scale)
         assert first["data"]["full_reload"] is True
     assert any(
-        level[1] == "0" for v in events if not v["data"]["full_reload"] for level in v["data"]["bids"] + v["data"]["asks"]
+        level[1] == "0"
+        for v in events
+        if not v["data"]["full_reload"]
+        for level in v["data"]["bids"] + v["data"]["asks"]
     ), "partial updates remove levels with quantity 0"
 
 
@@ -139,13 +144,15 @@ def test_metrics_and_readiness(sim: SimulatorThread, kafka_bootstrap: str) -> No
         )
         assert requests.get(base + "/healthz", timeout=2).status_code == 200
         wait_until(
-            lambda: metric_value(
-                requests.get(base + "/metrics", timeout=2).text,
-                "connector_records_total",
-                channel="trade",
-                outcome="produced",
-            )
-            >= 5,
+            lambda: (
+                metric_value(
+                    requests.get(base + "/metrics", timeout=2).text,
+                    "connector_records_total",
+                    channel="trade",
+                    outcome="produced",
+                )
+                >= 5
+            ),
             T(20),
             "produced trade records in /metrics",
         )

@@ -35,7 +35,7 @@ def strings_in(value: Any) -> list[str]:
 def decimals_in_text(raw: str) -> set[str]:
     """Every decimal literal in the frame, quoted or bare, except ids and timestamps."""
     quoted = set(re.findall(r'"(-?\d+\.\d+|0)"', raw))
-    bare = set(re.findall(r'(?<=[:\s])(-?\d+\.\d+)(?=[,\s}])', raw))
+    bare = set(re.findall(r"(?<=[:\s])(-?\d+\.\d+)(?=[,\s}])", raw))
     return quoted | bare
 
 
@@ -104,7 +104,11 @@ def test_order_fields_are_normalized() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["order_updated_malformed.json", "order_finished_malformed.json", "balance_subscribe_malformed.json"],
+    [
+        "order_updated_malformed.json",
+        "order_finished_malformed.json",
+        "balance_subscribe_malformed.json",
+    ],
 )
 def test_documentation_syntax_slips_are_invalid_json(name: str) -> None:
     with pytest.raises(BadMessage) as info:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -37,8 +38,9 @@ def test_twenty_drops_each_reconnect_uses_a_new_token_and_resubscribes(
                 accepted = sim.counters()["connections_accepted"]
                 assert sim.drop_connections() == 1
                 wait_until(
-                    lambda a=accepted: sim.counters()["connections_accepted"] > a
-                    and fully_subscribed(sim),
+                    lambda a=accepted: (
+                        sim.counters()["connections_accepted"] > a and fully_subscribed(sim)
+                    ),
                     T(20),
                     f"resubscription after drop {i + 1}",
                 )
@@ -93,7 +95,7 @@ def test_connection_outlives_several_idle_limits_thanks_to_pings(kafka_bootstrap
 
 def test_bad_frames_are_dead_lettered_and_the_stream_goes_on(kafka_bootstrap: str) -> None:
     bad = [
-        open(FIXTURES_MALFORMED).read(),
+        Path(FIXTURES_MALFORMED).read_text(),
         "this is not json",
         '{"id":9,"method":"candles_update","data":{},"error":null}',
         '{"id":0,"method":"ticker_update","data":{"symbol":"BTC_USDT","timestamp":1},"error":null}',
@@ -124,7 +126,9 @@ def test_bad_frames_are_dead_lettered_and_the_stream_goes_on(kafka_bootstrap: st
                 timeout=T(20),
             )
             metrics = requests.get(f"http://127.0.0.1:{conn.health_port}/metrics", timeout=2).text
-        assert sim.counters()["connections_accepted"] == 1, "a bad frame must not cost the connection"
+        assert sim.counters()["connections_accepted"] == 1, (
+            "a bad frame must not cost the connection"
+        )
     assert sorted(r.value.decode() for r in dlq) == sorted(bad)
     for rec in dlq:
         headers = dict(rec.headers)
@@ -173,7 +177,9 @@ def test_kafka_outage_pauses_reading_and_resumes_with_a_gap_marker(
             )
             own_broker.pause()
             try:
-                wait_until(lambda: sim.open_connections() == 0, T(20), "exchange connection dropped")
+                wait_until(
+                    lambda: sim.open_connections() == 0, T(20), "exchange connection dropped"
+                )
                 assert requests.get(base + "/readyz", timeout=2).status_code == 503
                 accepted = sim.counters()["connections_accepted"]
                 peak = 0.0

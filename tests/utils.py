@@ -28,7 +28,9 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -130,7 +132,9 @@ def read_topic(
             elif time.monotonic() - last_new > idle:
                 return out
         if until is not None:
-            raise AssertionError(f"{topic}: condition not met after {timeout:.1f}s ({len(out)} records)")
+            raise AssertionError(
+                f"{topic}: condition not met after {timeout:.1f}s ({len(out)} records)"
+            )
         return out
     finally:
         consumer.close()

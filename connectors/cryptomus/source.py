@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import requests
@@ -273,7 +274,7 @@ class CryptomusSource:
         """One subscribe per data type, sent together, then every answer checked."""
         replies = await asyncio.gather(
             *(
-                self._request(ws, lambda i, ch=ch, p=params: protocol.subscribe(i, ch, p))
+                self._request(ws, partial(protocol.subscribe, channel=ch, params=params))
                 for ch, params in self.plan.items()
             )
         )
@@ -286,9 +287,9 @@ class CryptomusSource:
                 channel,
                 reply.error.message if reply.error else "",
             )
-            await self._request(ws, lambda i, ch=channel: protocol.unsubscribe(i, ch))
+            await self._request(ws, partial(protocol.unsubscribe, channel=channel))
             again = await self._request(
-                ws, lambda i, ch=channel, p=params: protocol.subscribe(i, ch, p)
+                ws, partial(protocol.subscribe, channel=channel, params=params)
             )
             if not again.ok:
                 self._count_error(again)

@@ -1,0 +1,128 @@
+"""Configuration: typed, validated at start, unknown keys rejected, secrets hidden."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from connectors.cryptomus.config import CryptomusConfig
+from connectors.runtime.config import load
+from connectors.runtime.errors import ConfigError
+
+EXAMPLE = Path(__file__).parent.parent / "deploy" / "config" / "cryptomus-ws.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_example_is_valid() -> None:
+    cfg = load(CryptomusConfig, EXAMPLE, environ={})
+    assert cfg.cryptomus.markets == ["BTC_USDT", "ETH_USDT"]
+    assert cfg.kafka.replication_factor == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cryptomus:\n  marketz: all\n", "unknown key 'marketz'"),
+        ("kafka:\n  bootstrap_servers: 9092\n", "expected a string"),
+        ("cryptomus:\n  channels: [trades]\n", "unknown trades"),
+        ("cryptomus:\n  ping_interval_s: 70\n", "60 s idle limit"),
+        ("kafka:\n  client: {acks: 1}\n", "set by the connector"),
+        ("kafka:\n  client: {sasl_pasword: x}\n", "unknown kafka-python setting"),
+        ("runtime:\n  health_port: eighty\n", "expected an integer"),
+        ("- just\n- a list\n", "must hold a mapping"),
+    ],
+)
+def test_mistakes_are_refused_with_the_key_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(CryptomusConfig, write(tmp_path, text), environ={})
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "cryptomus:\n  markets: all\nkafka:\n  bootstrap_servers: a:1\n")
+    cfg = load(
+        CryptomusConfig,
+        path,
+        environ={
+            "KAFKA_BOOTSTRAP_SERVERS": "b:2",
+            "EXCHANGE_CONNECTORS__CRYPTOMUS__MARKETS": "[TRX_USDT]",
+            "EXCHANGE_CONNECTORS__KAFKA__LINGER_MS": "20",
+        },
+    )
+    assert cfg.kafka.bootstrap_servers == "b:2"
+    assert cfg.cryptomus.markets == ["TRX_USDT"]
+    assert cfg.kafka.linger_ms == 20
+
+
+def test_credentials_come_from_files_and_never_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CRYPTOMUS_USER_ID", raising=False)
+    monkeypatch.delenv("CRYPTOMUS_API_KEY", raising=False)
+    (tmp_path / "uid").write_text("uid-very-secret\n")
+    (tmp_path / "key").write_text("key-very-secret\n")
+    path = write(
+        tmp_path,
+        f"cryptomus:\n  credentials:\n    user_id_file: {tmp_path / 'uid'}\n"
+        f"    api_key_file: {tmp_path / 'key'}\n"
+        "kafka:\n  client: {sasl_plain_password: kafka-very-secret}\n",
+    )
+    cfg = load(CryptomusConfig, path, environ={})
+    user, key = cfg.cryptomus.credentials.resolve()
+    assert (user.reveal(), key.reveal()) == ("uid-very-secret", "key-very-secret")
+    shown = repr(cfg) + str(user) + str(key)
+    assert "very-secret" not in shown
+
+
+def test_missing_credentials_are_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRYPTOMUS_USER_ID", raising=False)
+    monkeypatch.delenv("CRYPTOMUS_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="CRYPTOMUS_USER_ID"):
+        CryptomusConfig().cryptomus.credentials.resolve()
+
+
+def test_cli_check_config_and_list(tmp_path: Path) -> None:
+    env_ok = {"CRYPTOMUS_USER_ID": "u", "CRYPTOMUS_API_KEY": "k", "PATH": ""}
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "connectors",
+            "check-config",
+            "cryptomus-ws",
+            "--config",
+            str(EXAMPLE),
+        ],
+        env=env_ok,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "connectors",
+            "check-config",
+            "cryptomus-ws",
+            "--config",
+            str(write(tmp_path, "cryptomus:\n  typo: 1\n")),
+        ],
+        env=env_ok,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown key 'typo'" in bad.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "connectors", "list"], capture_output=True, text=True, timeout=60
+    )
+    assert "cryptomus-ws" in listed.stdout
