@@ -211,3 +211,46 @@ def test_kafka_outage_pauses_reading_and_resumes_with_a_gap_marker(
         if json.loads(r.value)["kind"] == "resync"
     ]
     assert [m["data"]["reason"] for m in markers][-1] == "kafka_unavailable"
+
+
+def test_a_record_kafka_refuses_ends_the_run_with_exit_1(kafka_bootstrap: str) -> None:
+    """No swallowed send error: a record the producer cannot deliver is fatal."""
+    with SimulatorThread(updates_per_second=5.0) as sim:
+        config = make_config(
+            sim, kafka_bootstrap, channels=["ticker"], kafka={"client": {"max_request_size": 4096}}
+        )
+        conn = run(config).start()
+        wait_until(lambda: sim.open_connections() == 1, T(20), "connected")
+        sim.inject_raw("x" * 10_000)  # dead-letter record larger than Kafka will take
+        wait_until(lambda: conn.result is not None, T(30), "the connector to stop")
+        result = conn.stop()
+    assert result.exit_code == 1
+    assert result.error and "refused a record" in result.error
+
+
+def test_kafka_away_longer_than_the_delivery_timeout_is_fatal(
+    own_broker: EmbeddedBroker,
+) -> None:
+    with SimulatorThread(updates_per_second=20.0) as sim:
+        config = make_config(
+            sim,
+            own_broker.bootstrap_servers,
+            channels=["ticker"],
+            kafka={
+                "stall_after_s": 0.5,
+                "request_timeout_ms": 1000,
+                "delivery_timeout_ms": 3000,
+                "linger_ms": 0,
+            },
+        )
+        conn = run(config).start()
+        wait_until(lambda: sim.open_connections() == 1, T(20), "connected")
+        time.sleep(0.5)
+        own_broker.pause()
+        try:
+            wait_until(lambda: conn.result is not None, T(40), "the connector to give up")
+        finally:
+            own_broker.resume()
+        result = conn.stop()
+    assert result.exit_code == 1
+    assert result.error and "did not acknowledge" in result.error

@@ -79,10 +79,6 @@ class ConnectorThread:
         assert self.result is not None
         return self.result
 
-    @property
-    def connector(self) -> Any:
-        return None
-
     def __enter__(self) -> ConnectorThread:
         return self.start()
 

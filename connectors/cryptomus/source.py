@@ -191,7 +191,11 @@ class CryptomusSource:
     async def _session(self, ctx: RuntimeContext, reason: str) -> str:
         """One connection from token to close; returns why it ended."""
         s = self.settings
-        token = await asyncio.to_thread(self.rest.ws_token)
+        try:
+            token = await asyncio.to_thread(self.rest.ws_token)
+        except AuthError:
+            ctx.metrics.auth_failures.labels(ctx.name).inc()
+            raise
         register_secret(token)
         separator = "&" if "?" in s.ws_url else "?"
         url = f"{s.ws_url}{separator}token={token}"

@@ -128,6 +128,7 @@ async def run_connector(
     kafka: KafkaSettings = config.kafka
     metrics = Metrics()
     health = HealthState()
+    metrics.ready.labels(plugin.name).set_function(lambda: 1.0 if health.ready() else 0.0)
     server = HealthServer(health, metrics, runtime.health_host, runtime.health_port).start()
     result = RunResult(EXIT_OK, server.port)
     log.info("%s: health and metrics on port %d", plugin.name, server.port)

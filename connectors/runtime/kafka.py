@@ -23,7 +23,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaConfigurationError, KafkaError, TopicAlreadyExistsError
 
 from connectors.runtime.config import Secret
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
@@ -78,11 +78,14 @@ class KafkaSettings:
         if self.stall_after_s * 1000 >= self.delivery_timeout_ms:
             raise ConfigError("kafka.stall_after_s must be shorter than delivery_timeout_ms")
 
-    def client_config(self) -> dict[str, Any]:
-        """Connection settings common to producer, consumer and admin client."""
+    def client_config(self, for_client: type | None = None) -> dict[str, Any]:
+        """Connection settings for ``for_client`` (producer-only keys such as
+        ``max_request_size`` are left out for the admin client and consumers)."""
+        accepted = getattr(for_client, "DEFAULT_CONFIG", None)
         out: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(",")}
         for key, value in self.client.items():
-            out[key] = value.reveal() if isinstance(value, Secret) else value
+            if accepted is None or key in accepted:
+                out[key] = value.reveal() if isinstance(value, Secret) else value
         return out
 
     def __repr__(self) -> str:
@@ -93,7 +96,7 @@ class KafkaSettings:
 
 
 def producer_config(settings: KafkaSettings) -> dict[str, Any]:
-    cfg = settings.client_config()
+    cfg = settings.client_config(KafkaProducer)
     cfg.update(
         acks="all",
         enable_idempotence=True,
@@ -115,7 +118,9 @@ def ensure_topics(
     """Create missing topics (when allowed) so the first records are not refused."""
     wanted = sorted(set(topics))
     try:
-        admin = KafkaAdminClient(**settings.client_config())
+        admin = KafkaAdminClient(**settings.client_config(KafkaAdminClient))
+    except KafkaConfigurationError as exc:
+        raise ConfigError(f"kafka.client: {exc}") from None
     except KafkaError as exc:
         raise RetriableError(f"Kafka not reachable at {settings.bootstrap_servers}: {exc}") from exc
     try:
@@ -189,6 +194,8 @@ class Delivery:
         """Create the producer and load every topic's metadata up front."""
         try:
             producer = KafkaProducer(**producer_config(settings))
+        except KafkaConfigurationError as exc:
+            raise ConfigError(f"kafka.client: {exc}") from None
         except KafkaError as exc:
             raise RetriableError(
                 f"Kafka not reachable at {settings.bootstrap_servers}: {exc}"
@@ -287,4 +294,8 @@ class Delivery:
         return self.drained() and self.failure is None
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        """Close the producer; what it could not deliver was already counted as failed."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except KafkaError as exc:
+            log.error("producer did not close cleanly: %r", exc)
