@@ -186,6 +186,7 @@ class Delivery:
         self.last_ack: float | None = None
         self._buffered_gauge = metrics.buffered.labels(connector)
         self._latency = metrics.produce_latency.labels(connector)
+        self._children: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def connect(
@@ -237,6 +238,14 @@ class Delivery:
         future.add_callback(self._on_ack, seq, record.channel)
         future.add_errback(self._on_error, seq, record.channel)
 
+    def _counter(self, channel: str, outcome: str) -> Any:
+        """Label children cached: ``labels()`` costs a lock and a dict walk per call."""
+        child = self._children.get((channel, outcome))
+        if child is None:
+            child = self._metrics.records.labels(self._connector, channel, outcome)
+            self._children[(channel, outcome)] = child
+        return child
+
     def _on_ack(self, seq: int, channel: str, _metadata: Any) -> None:
         now = self._clock()
         with self._lock:
@@ -245,7 +254,7 @@ class Delivery:
             self.acked_records += 1
             self.last_ack = now
         self._latency.observe(now - sent_at)
-        self._metrics.records.labels(self._connector, channel, "produced").inc()
+        self._counter(channel, "produced").inc()
 
     def _on_error(self, seq: int, channel: str, exc: BaseException) -> None:
         with self._lock:
@@ -254,7 +263,7 @@ class Delivery:
             self.failed_records += 1
             if self.failure is None:
                 self.failure = exc
-        self._metrics.records.labels(self._connector, channel, "failed").inc()
+        self._counter(channel, "failed").inc()
         log.error("Kafka did not accept a %s record: %r", channel, exc)
 
     # -- back-pressure -----------------------------------------------------------------
