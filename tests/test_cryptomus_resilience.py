@@ -254,3 +254,63 @@ def test_kafka_away_longer_than_the_delivery_timeout_is_fatal(
         result = conn.stop()
     assert result.exit_code == 1
     assert result.error and "did not acknowledge" in result.error
+
+
+def test_a_new_listing_moves_depth_subscriptions_in_place(kafka_bootstrap: str) -> None:
+    """Changing a subscribed list: unsubscribe then subscribe, same connection, markers."""
+    from decimal import Decimal
+
+    from connectors.cryptomus.simulator import MarketSpec
+
+    with SimulatorThread(updates_per_second=10.0) as sim:
+        config = make_config(
+            sim,
+            kafka_bootstrap,
+            channels=["depth", "ticker"],
+            depth_scale_indices=[0],
+            market_refresh_s=0.5 * T(1),
+        )
+        with run(config):
+            wait_until(lambda: len(sim.active_subscriptions()) == 1, T(20), "subscribed")
+            sim.list_market(
+                MarketSpec(
+                    symbol="SOL_USDT",
+                    market_id="01HSBPVS17CT2GN2FV34K3SOL1",
+                    base="SOL",
+                    quote="USDT",
+                    base_full_name="Solana",
+                    quote_full_name="Tether USD",
+                    price=Decimal("150.25"),
+                    price_tick=Decimal("0.01"),
+                    qty_quantum=Decimal("0.001"),
+                    typical_qty=Decimal("2"),
+                    scales=(Decimal("0.01"), Decimal("0.1")),
+                )
+            )
+            wait_until(
+                lambda: "SOL_USDT:0" in (sim.active_subscriptions() or [{}])[0].get("depth", []),
+                T(20),
+                "depth subscription to include the new market",
+            )
+            requests_seen = [m for _, m, _ in sim.connection_requests()]
+            counters = sim.counters()
+            recs = read_topic(
+                kafka_bootstrap,
+                config.cryptomus.topics.depth,
+                until=lambda rs: any(
+                    json.loads(r.value)["symbol"] == "SOL_USDT"
+                    and json.loads(r.value)["kind"] == "event"
+                    for r in rs
+                ),
+                timeout=T(20),
+            )
+    assert counters["connections_accepted"] == 1, "changed in place, no reconnect"
+    assert counters["repeated_subscribe_rejections"] == 0
+    assert requests_seen.count("depth_unsubscribe") == 1
+    assert requests_seen.count("depth_subscribe") == 2
+    assert requests_seen.count("ticker_subscribe") == 1, "unchanged channels are left alone"
+    sol = [json.loads(r.value) for r in recs if r.key == b"SOL_USDT"]
+    assert sol[0]["kind"] == "resync" and sol[0]["data"]["reason"] == "subscription_change"
+    first_event = next(v for v in sol if v["kind"] == "event")
+    assert first_event["data"]["full_reload"] is True
+    assert first_event["resync_epoch"] == sol[0]["resync_epoch"]

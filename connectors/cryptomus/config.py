@@ -84,6 +84,9 @@ class CryptomusSettings:
     #: A connection that lasted this long resets the back-off.
     healthy_after_s: float = 30.0
     max_frame_bytes: int = 4 * 1024 * 1024
+    #: Re-read the market list (and scales) this often; a changed subscription is
+    #: unsubscribed and subscribed again in place, with resync markers. 0 = never.
+    market_refresh_s: float = 3600.0
     credentials: Credentials = field(default_factory=Credentials)
     topics: Topics = field(default_factory=Topics)
 
@@ -105,6 +108,8 @@ class CryptomusSettings:
             )
         if self.stale_after_s <= self.ping_interval_s:
             raise ConfigError("cryptomus.stale_after_s must be longer than ping_interval_s")
+        if self.market_refresh_s < 0:
+            raise ConfigError("cryptomus.market_refresh_s: 0 (never) or a positive number")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("cryptomus.backoff_*: need 0 < initial <= max")
 

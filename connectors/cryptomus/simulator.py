@@ -652,6 +652,19 @@ class CryptomusSimulator:
         self._counters.tokens_issued += 1
         return token
 
+    def list_market(self, spec: MarketSpec) -> None:
+        """List a new market while running (a new listing, as exchanges do)."""
+        if spec.symbol in self.markets:
+            raise ValueError(f"{spec.symbol} is already listed")
+        self.markets[spec.symbol] = spec
+        self._market_state[spec.symbol] = _MarketState(spec, self._rng)
+        now_ms = int(self._clock() * 1000)
+        for currency in (spec.base, spec.quote):
+            if currency not in self.currencies:
+                self.currencies = tuple(sorted((*self.currencies, currency)))
+                self._wallets[currency] = ulid_like(self._rng, now_ms)
+                self._balances[currency] = self._initial_balance(currency)
+
     def drop_connections(self) -> int:
         """Abort every open connection's transport (no close frame); return how many."""
         dropped = 0
@@ -1381,6 +1394,9 @@ class SimulatorThread:
 
     def issue_token(self, user_id: str = DEFAULT_USER_ID) -> str:
         return self._call(lambda: self.simulator.issue_token(user_id))
+
+    def list_market(self, spec: MarketSpec) -> None:
+        self._call(lambda: self.simulator.list_market(spec))
 
     def drop_connections(self) -> int:
         return self._call(self.simulator.drop_connections)

@@ -30,7 +30,13 @@ from connectors.cryptomus.rest import CryptomusRest
 from connectors.runtime import records
 from connectors.runtime.app import RuntimeContext
 from connectors.runtime.backoff import Backoff
-from connectors.runtime.errors import AuthError, BadMessage, FatalError, RetriableError
+from connectors.runtime.errors import (
+    AuthError,
+    BadMessage,
+    ConfigError,
+    FatalError,
+    RetriableError,
+)
 from connectors.runtime.kafka import OutRecord
 from connectors.runtime.logs import register_secret
 
@@ -90,29 +96,34 @@ class CryptomusSource:
     # -- start-up ---------------------------------------------------------------------
 
     async def _prepare(self) -> None:
-        """Market list (expands/validates markets) and depth scale indices."""
-        self.markets = await asyncio.to_thread(self.rest.markets)
-        chosen = self.settings.market_list or [m.symbol for m in self.markets]
+        self.markets, self.plan = await self._load_plan()
+        log.info(
+            "subscription plan: %s",
+            ", ".join(f"{ch}={len(p)} params" for ch, p in self.plan.items()),
+        )
+
+    async def _load_plan(self) -> tuple[list[protocol.Market], dict[str, list[str]]]:
+        """Market list (expands/validates markets) and depth scale indices → params."""
+        markets = await asyncio.to_thread(self.rest.markets)
+        listed = {m.symbol for m in markets}
+        chosen = self.settings.market_list or sorted(listed)
         scales: dict[str, list[int]] = {}
         if "depth" in self.settings.channels:
             if self.settings.depth_scale_indices:
                 scales = {m: list(self.settings.depth_scale_indices) for m in chosen}
             else:
                 for market in chosen:
-                    if market in {m.symbol for m in self.markets}:
+                    if market in listed:
                         found = await asyncio.to_thread(self.rest.scales, market)
                         scales[market] = sorted(found)
-        self.plan = protocol.plan_subscriptions(
+        plan = protocol.plan_subscriptions(
             self.settings.channels,
             self.settings.market_list,
-            self.markets,
+            markets,
             scales,
             self.settings.balance_currencies or None,
         )
-        log.info(
-            "subscription plan: %s",
-            ", ".join(f"{ch}={len(p)} params" for ch, p in self.plan.items()),
-        )
+        return markets, plan
 
     async def _sleep(self, ctx: RuntimeContext, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -237,30 +248,78 @@ class CryptomusSource:
     async def _supervise(self, ws: Any, reader: asyncio.Task[str]) -> str:
         s = self.settings
         next_ping = self._monotonic() + s.ping_interval_s
-        while True:
-            done, _ = await asyncio.wait({reader}, timeout=0.25)
-            if done:
-                return reader.result()
-            now = self._monotonic()
-            if self.ctx.stop.is_set():
-                await ws.close(1000, "connector stopping")
-                return "stop"
-            if self.last_message is not None and now - self.last_message > s.stale_after_s:
-                log.warning("no message for %.0fs; reconnecting", now - self.last_message)
-                await ws.close(1000, "stale")
-                return "stale"
-            if self._pings and now - min(self._pings.values()) > s.ping_timeout_s:
-                log.warning("no pong within %.1fs; reconnecting", s.ping_timeout_s)
-                await ws.close(1000, "ping timeout")
-                return "ping_timeout"
-            if self.ctx.delivery.must_pause():
-                await ws.close(1000, "kafka unavailable")
-                return "kafka_unavailable"
-            if now >= next_ping:
-                req_id = next(self._ids)
-                self._pings[str(req_id)] = now
-                await ws.send(protocol.ping(req_id))
-                next_ping = now + s.ping_interval_s
+        every = s.market_refresh_s
+        next_refresh = self._monotonic() + every if every > 0 else float("inf")
+        refresh: asyncio.Task[tuple[list[protocol.Market], dict[str, list[str]]]] | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({reader}, timeout=0.25)
+                if done:
+                    return reader.result()
+                now = self._monotonic()
+                if self.ctx.stop.is_set():
+                    await ws.close(1000, "connector stopping")
+                    return "stop"
+                if self.last_message is not None and now - self.last_message > s.stale_after_s:
+                    log.warning("no message for %.0fs; reconnecting", now - self.last_message)
+                    await ws.close(1000, "stale")
+                    return "stale"
+                if self._pings and now - min(self._pings.values()) > s.ping_timeout_s:
+                    log.warning("no pong within %.1fs; reconnecting", s.ping_timeout_s)
+                    await ws.close(1000, "ping timeout")
+                    return "ping_timeout"
+                if self.ctx.delivery.must_pause():
+                    await ws.close(1000, "kafka unavailable")
+                    return "kafka_unavailable"
+                if now >= next_ping:
+                    req_id = next(self._ids)
+                    self._pings[str(req_id)] = now
+                    await ws.send(protocol.ping(req_id))
+                    next_ping = now + s.ping_interval_s
+                if refresh is None and now >= next_refresh:
+                    refresh = asyncio.create_task(self._load_plan())
+                if refresh is not None and refresh.done():
+                    await self._apply_refresh(ws, refresh)
+                    refresh, next_refresh = None, now + every
+        finally:
+            if refresh is not None and not refresh.done():
+                refresh.cancel()
+
+    async def _apply_refresh(
+        self,
+        ws: Any,
+        refresh: asyncio.Task[tuple[list[protocol.Market], dict[str, list[str]]]],
+    ) -> None:
+        """Move changed subscriptions in place: unsubscribe, then subscribe the new list
+        (subscribing a type again is refused by the server)."""
+        try:
+            markets, plan = refresh.result()
+        except (RetriableError, ConfigError) as exc:
+            log.warning("market refresh failed, keeping the current subscriptions: %s", exc)
+            return
+        changed = [ch for ch in plan if plan[ch] != self.plan.get(ch)]
+        if not changed:
+            self.markets = markets
+            return
+        keys = {
+            ch: sorted(
+                set(protocol.marker_keys(ch, self.plan[ch], self.markets))
+                | set(protocol.marker_keys(ch, plan[ch], markets))
+            )
+            for ch in changed
+        }
+        self.markets, self.plan = markets, plan
+        log.info("subscriptions changed for %s", ", ".join(changed))
+        self._start_epoch("subscription_change", keys)
+        for channel in changed:
+            for build in (
+                partial(protocol.unsubscribe, channel=channel),
+                partial(protocol.subscribe, channel=channel, params=plan[channel]),
+            ):
+                reply = await self._request(ws, build)
+                if not reply.ok:
+                    self._count_error(reply)
+                    raise RetriableError(f"{channel} subscription change refused")
 
     async def _request(self, ws: Any, build: Callable[[int], str]) -> protocol.Reply:
         req_id = next(self._ids)
@@ -306,13 +365,19 @@ class CryptomusSource:
         code = str(reply.error.code) if reply.error and reply.error.code in (1, 2) else "other"
         self.ctx.metrics.exchange_errors.labels(self.ctx.name, code).inc()
 
-    def _start_epoch(self, reason: str) -> None:
-        """New subscription → new epoch; a resync marker to every key of every channel."""
+    def _start_epoch(self, reason: str, keys: dict[str, list[str]] | None = None) -> None:
+        """New subscription → new epoch; a resync marker to every key of every channel
+        (or of the channels in ``keys``), so it lands in each key's partition."""
         now_ms = int(self._clock() * 1000)
         self.epoch = max(self.epoch + 1, now_ms)
         if reason != "start":
             self.ctx.metrics.gaps.labels(self.ctx.name, reason).inc()
-        for channel, params in self.plan.items():
+        if keys is None:
+            keys = {
+                ch: protocol.marker_keys(ch, params, self.markets)
+                for ch, params in self.plan.items()
+            }
+        for channel, channel_keys in keys.items():
             topic = self._topic[channel]
             hdrs = records.headers(
                 protocol.EXCHANGE,
@@ -320,7 +385,7 @@ class CryptomusSource:
                 "resync",
                 f"{protocol.EXCHANGE}.{channel}/{SCHEMA_VERSION}",
             )
-            for key in protocol.marker_keys(channel, params, self.markets):
+            for key in channel_keys:
                 value = records.envelope(
                     exchange=protocol.EXCHANGE,
                     channel=channel,
