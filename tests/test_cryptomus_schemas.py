@@ -13,12 +13,22 @@ from jsonschema import Draft202012Validator
 
 from connectors.cryptomus import protocol
 from connectors.cryptomus.schemas import SCHEMA_CHANNELS, load_schema
-from connectors.runtime import records
+from connectors.cryptomus.source import encode_event, encode_marker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cryptomus"
 UPDATE_FIXTURES = [*sorted(p.name for p in FIXTURES.glob("*_update.json")), "order_created.json"]
 RECEIVE_MS = 1750953177042
 EPOCH = 1750953170001
+
+
+def _no_float(text: str) -> Any:
+    raise AssertionError(f"a JSON number with a fraction reached a record: {text}")
+
+
+def exact_json(value: bytes) -> dict[str, Any]:
+    """Decode a record value, failing on any fractional JSON number (money as text)."""
+    decoded: dict[str, Any] = json.loads(value, parse_float=_no_float)
+    return decoded
 
 
 def validator(channel: str) -> Draft202012Validator:
@@ -31,36 +41,15 @@ def event_records(fixture: str) -> list[dict[str, Any]]:
     assert isinstance(update, protocol.Update)
     out = []
     for event in update.events:
-        value = records.envelope(
-            exchange=protocol.EXCHANGE,
-            channel=update.channel,
-            kind="event",
-            symbol=event.key,
-            event_time_ms=event.event_time_ms,
-            receive_time_ms=RECEIVE_MS,
-            resync_epoch=EPOCH,
-            data=event.data,
-        )
-        out.append(json.loads(value))
+        out.append(exact_json(encode_event(event, RECEIVE_MS, EPOCH)))
     assert out
     return out
 
 
 def marker_record(channel: str, key: str = "BTC_USDT", reason: str = "start") -> dict[str, Any]:
     """The decoded record value ``CryptomusSource._start_epoch`` writes."""
-    value = records.envelope(
-        exchange=protocol.EXCHANGE,
-        channel=channel,
-        kind="resync",
-        symbol=key,
-        event_time_ms=None,
-        receive_time_ms=RECEIVE_MS,
-        resync_epoch=EPOCH,
-        data={"reason": reason, "connection_id": "0123456789ab"},
-        check_floats=True,
-    )
-    decoded: dict[str, Any] = json.loads(value)
-    return decoded
+    value = encode_marker(channel, key, reason, "0123456789ab", RECEIVE_MS, EPOCH)
+    return exact_json(value)
 
 
 def errors(channel: str, record: Any) -> list[str]:
@@ -140,18 +129,7 @@ def test_trade_event_without_any_timestamp_validates() -> None:
     update = protocol.parse_frame(json.dumps(frame))
     assert isinstance(update, protocol.Update)
     assert update.events[0].event_time_ms is None
-    record = json.loads(
-        records.envelope(
-            exchange=protocol.EXCHANGE,
-            channel="trade",
-            kind="event",
-            symbol="BTC_USDT",
-            event_time_ms=None,
-            receive_time_ms=RECEIVE_MS,
-            resync_epoch=EPOCH,
-            data=update.events[0].data,
-        )
-    )
+    record = exact_json(encode_event(update.events[0], RECEIVE_MS, EPOCH))
     assert record["data"] == {"price": "1.5", "quantity": "2", "side": "sell"}
     assert errors("trade", record) == []
 
@@ -171,18 +149,7 @@ def test_order_with_every_optional_field_set_validates() -> None:
     update = protocol.parse_frame(json.dumps(frame))
     assert isinstance(update, protocol.Update)
     event = update.events[0]
-    record = json.loads(
-        records.envelope(
-            exchange=protocol.EXCHANGE,
-            channel="order",
-            kind="event",
-            symbol=event.key,
-            event_time_ms=event.event_time_ms,
-            receive_time_ms=RECEIVE_MS,
-            resync_epoch=EPOCH,
-            data=event.data,
-        )
-    )
+    record = exact_json(encode_event(event, RECEIVE_MS, EPOCH))
     assert record["event_time_ms"] == 1750696378500
     assert errors("order", record) == []
 

@@ -46,6 +46,42 @@ NAME = "cryptomus-ws"
 SCHEMA_VERSION = "v1"
 
 
+def encode_event(event: protocol.Event, receive_time_ms: int, epoch: int) -> bytes:
+    """The record value of one exchange event (schema ``cryptomus.<channel>/v1``)."""
+    return records.envelope(
+        exchange=protocol.EXCHANGE,
+        channel=event.channel,
+        kind="event",
+        symbol=event.key,
+        event_time_ms=event.event_time_ms,
+        receive_time_ms=receive_time_ms,
+        resync_epoch=epoch,
+        data=event.data,
+    )
+
+
+def encode_marker(
+    channel: str, key: str, reason: str, connection_id: str, receive_time_ms: int, epoch: int
+) -> bytes:
+    """The record value of a resync marker: state built from ``key`` must be rebuilt."""
+    return records.envelope(
+        exchange=protocol.EXCHANGE,
+        channel=channel,
+        kind="resync",
+        symbol=key,
+        event_time_ms=None,
+        receive_time_ms=receive_time_ms,
+        resync_epoch=epoch,
+        data={"reason": reason, "connection_id": connection_id},
+    )
+
+
+def _headers(channel: str, kind: str) -> list[tuple[str, bytes]]:
+    return records.headers(
+        protocol.EXCHANGE, channel, kind, f"{protocol.EXCHANGE}.{channel}/{SCHEMA_VERSION}"
+    )
+
+
 class CryptomusSource:
     def __init__(
         self,
@@ -71,12 +107,8 @@ class CryptomusSource:
         self._connect = connect
         self._clock = clock
         self._monotonic = monotonic
-        self._headers = {
-            ch: records.headers(
-                protocol.EXCHANGE, ch, "event", f"{protocol.EXCHANGE}.{ch}/{SCHEMA_VERSION}"
-            )
-            for ch in protocol.CHANNELS
-        }
+        self._headers = {ch: _headers(ch, "event") for ch in protocol.CHANNELS}
+        self._marker_headers = {ch: _headers(ch, "resync") for ch in protocol.CHANNELS}
         self._topic = {ch: self.settings.topics.for_channel(ch) for ch in protocol.CHANNELS}
         self.epoch = 0
         self.last_message: float | None = None
@@ -379,23 +411,9 @@ class CryptomusSource:
             }
         for channel, channel_keys in keys.items():
             topic = self._topic[channel]
-            hdrs = records.headers(
-                protocol.EXCHANGE,
-                channel,
-                "resync",
-                f"{protocol.EXCHANGE}.{channel}/{SCHEMA_VERSION}",
-            )
+            hdrs = self._marker_headers[channel]
             for key in channel_keys:
-                value = records.envelope(
-                    exchange=protocol.EXCHANGE,
-                    channel=channel,
-                    kind="resync",
-                    symbol=key,
-                    event_time_ms=None,
-                    receive_time_ms=now_ms,
-                    resync_epoch=self.epoch,
-                    data={"reason": reason, "connection_id": self.connection_id},
-                )
+                value = encode_marker(channel, key, reason, self.connection_id, now_ms, self.epoch)
                 self.ctx.delivery.send(OutRecord(topic, value, key.encode(), hdrs, now_ms, channel))
         log.info("resync epoch %d (%s)", self.epoch, reason)
 
@@ -434,16 +452,7 @@ class CryptomusSource:
         hdrs = self._headers[channel]
         lag = ctx.metrics.event_lag.labels(ctx.name, channel)
         for event in update.events:
-            value = records.envelope(
-                exchange=protocol.EXCHANGE,
-                channel=channel,
-                kind="event",
-                symbol=event.key,
-                event_time_ms=event.event_time_ms,
-                receive_time_ms=now_ms,
-                resync_epoch=self.epoch,
-                data=event.data,
-            )
+            value = encode_event(event, now_ms, self.epoch)
             if event.event_time_ms is not None:
                 lag.observe(max(0.0, (now_ms - event.event_time_ms) / 1000))
             ctx.delivery.send(

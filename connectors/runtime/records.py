@@ -26,17 +26,6 @@ CONTENT_TYPE = b"application/json"
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _no_floats(value: Any) -> None:
-    if isinstance(value, float):
-        raise TypeError("a float reached a record; money must stay exact text")
-    if isinstance(value, Mapping):
-        for v in value.values():
-            _no_floats(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            _no_floats(v)
-
-
 def envelope(
     *,
     exchange: str,
@@ -47,11 +36,8 @@ def envelope(
     receive_time_ms: int,
     resync_epoch: int,
     data: Mapping[str, Any],
-    check_floats: bool = False,
 ) -> bytes:
-    """Encode one envelope. ``check_floats`` walks ``data`` (tests and markers)."""
-    if check_floats:
-        _no_floats(data)
+    """Encode one envelope; ``data`` must already hold decimals as strings."""
     body = {
         "exchange": exchange,
         "channel": channel,
