@@ -71,6 +71,40 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_auth_guard(args: argparse.Namespace) -> int:
+    """Show or reset a connector's persisted auth-failure guard."""
+    import json
+    import time
+
+    from connectors.runtime import authguard
+    from connectors.runtime.errors import RetriableError
+    from connectors.runtime.state import read_state, write_record
+
+    setup_logging()
+    try:
+        plugin = plugins.get(args.connector)
+        if plugin.auth_guard is None:
+            raise ConfigError(f"{plugin.name} keeps no auth guard")
+        cfg = config_mod.load(plugin.config_type, args.config)
+        spec = plugin.auth_guard(cfg)
+        if spec is None:
+            raise ConfigError(f"{plugin.name}: no credentials configured, so no guard")
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    try:
+        if args.action == "reset":
+            entry = authguard.reset_entry(int(time.time() * 1000), by=args.by)
+            write_record(cfg.kafka, authguard.record_for(spec, entry))
+        else:
+            entry = authguard.entry_for(read_state(cfg.kafka, spec.topic), spec)
+    except RetriableError as exc:
+        log.error("Kafka: %s", exc)
+        return 1
+    print(json.dumps(authguard.describe(entry, spec), indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from connectors.runtime.demo import run_demo
 
@@ -104,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--rate", type=float, default=5.0, help="updates per second per channel")
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "auth-guard", help="show or reset the persisted authentication-failure guard"
+    )
+    p.add_argument("action", choices=["show", "reset"])
+    p.add_argument("connector", help="plugin name, e.g. robicoin-poller")
+    p.add_argument("--config", required=True, help="the connector's YAML config file")
+    p.add_argument("--by", default="operator", help="who resets (recorded in the guard)")
+    p.set_defaults(func=_cmd_auth_guard)
 
     p = sub.add_parser("demo", help="embedded broker + simulators + connectors, with a live view")
     p.add_argument("--seconds", type=float, default=30.0, help="run this long (0 = until Ctrl-C)")

@@ -23,6 +23,7 @@ from connectors.runtime.health import HealthServer, HealthState
 from connectors.runtime.kafka import Delivery, KafkaSettings, ensure_topics
 from connectors.runtime.metrics import Metrics
 from connectors.runtime.plugins import ConnectorPlugin
+from connectors.runtime.state import Transactions
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,33 @@ class RuntimeSettings:
 
 @dataclass
 class RuntimeContext:
-    """What a running connector gets from the runtime."""
+    """What a running connector gets from the runtime.
+
+    A connector writes either through ``delivery`` (a tracked idempotent producer,
+    for streams) or, when it declares a ``transactional_id``, through
+    ``transactions`` (atomic batches with its state); never both.
+    """
 
     name: str
     metrics: Metrics
     health: HealthState
-    delivery: Delivery
     stop: asyncio.Event
+    kafka: KafkaSettings
+    _delivery: Delivery | None = None
+    _transactions: Transactions | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delivery(self) -> Delivery:
+        if self._delivery is None:
+            raise RuntimeError("this connector writes through Kafka transactions")
+        return self._delivery
+
+    @property
+    def transactions(self) -> Transactions:
+        if self._transactions is None:
+            raise RuntimeError("this connector has no transactional_id")
+        return self._transactions
 
 
 @dataclass
@@ -94,7 +114,28 @@ async def _connect_kafka(
     return None
 
 
-async def _run_until_delivery_fails(work: Any, delivery: Delivery) -> None:
+async def _connect_transactions(
+    settings: KafkaSettings,
+    transactions: Transactions,
+    topics: dict[str, dict[str, str]],
+    stop: asyncio.Event,
+) -> bool:
+    """Retry until topics exist and ``init_transactions`` succeeded (or stop)."""
+    backoff = Backoff(initial_s=0.5, cap_s=15.0)
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(ensure_topics, settings, topics, topics)
+            await asyncio.to_thread(transactions.start)
+            return True
+        except RetriableError as exc:
+            delay = backoff.next_delay()
+            log.warning("Kafka not ready (%s); retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+    return False
+
+
+async def _run_until_delivery_fails(work: Any, delivery: Delivery | None) -> None:
     """Run the connector, but end it as soon as Kafka reports a failed delivery.
 
     A callback failure happens on the sender thread; watching for it here means a
@@ -103,7 +144,7 @@ async def _run_until_delivery_fails(work: Any, delivery: Delivery) -> None:
     task = asyncio.ensure_future(work)
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
-        if delivery.failure is not None and not task.done():
+        if delivery is not None and delivery.failure is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -136,15 +177,23 @@ async def run_connector(
         started.set_result(result)
     beat = asyncio.create_task(_heartbeat(health, stop))
     delivery: Delivery | None = None
+    transactions: Transactions | None = None
     try:
         connector = plugin.create(config)
         topics = connector.topics()
         health.set("kafka", False)
-        delivery = await _connect_kafka(kafka, metrics, plugin.name, topics, stop)
-        if delivery is None:
-            return result
-        health.add_check("kafka", delivery.healthy)
-        ctx = RuntimeContext(plugin.name, metrics, health, delivery, stop)
+        transactional_id: str | None = getattr(connector, "transactional_id", None)
+        if transactional_id:
+            transactions = Transactions(kafka, transactional_id, metrics, plugin.name)
+            if not await _connect_transactions(kafka, transactions, topics, stop):
+                return result
+            health.add_check("kafka", transactions.healthy)
+        else:
+            delivery = await _connect_kafka(kafka, metrics, plugin.name, topics, stop)
+            if delivery is None:
+                return result
+            health.add_check("kafka", delivery.healthy)
+        ctx = RuntimeContext(plugin.name, metrics, health, stop, kafka, delivery, transactions)
         await _run_until_delivery_fails(connector.run(ctx), delivery)
     except ConfigError as exc:
         log.error("%s: configuration error: %s", plugin.name, exc)
@@ -166,6 +215,8 @@ async def run_connector(
                 if result.exit_code == EXIT_OK:
                     result.exit_code, result.error = EXIT_FATAL, "records not delivered"
             await asyncio.to_thread(delivery.close, 5.0)
+        if transactions is not None:
+            await asyncio.to_thread(transactions.close)
         stop.set()
         await beat
         server.stop()

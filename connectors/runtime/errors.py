@@ -5,6 +5,8 @@
     ConnectorError
     ├── ConfigError          bad configuration: stop at start-up, exit 2
     ├── RetriableError       transient (network, 5xx, 429, timeouts): back off, try again
+    ├── RejectedError        the exchange refused this one request (a 4xx): do not
+    │                        repeat it; report it and go on
     ├── FatalError           cannot go on (auth refused, terminal producer failure):
     │   │                    become not-ready, flush what can be flushed, exit non-zero
     │   └── AuthError        the exchange refused our credentials
@@ -31,6 +33,15 @@ class RetriableError(ConnectorError):
     """A transient failure: the same call may succeed after a back-off."""
 
     retriable = True
+
+
+class RejectedError(ConnectorError):
+    """The exchange answered this request with a definite "no"; repeating it won't help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
 
 
 class FatalError(ConnectorError):

@@ -157,6 +157,8 @@ class OutRecord:
     headers: Sequence[tuple[str, bytes]] = ()
     timestamp_ms: int | None = None
     channel: str = "-"
+    #: Explicit partition (markers sent to every partition); None = by key.
+    partition: int | None = None
 
 
 class Delivery:
@@ -229,6 +231,7 @@ class Delivery:
                 key=record.key,
                 headers=list(record.headers),
                 timestamp_ms=record.timestamp_ms,
+                partition=record.partition,
             )
         except Exception as exc:
             self._on_error(seq, record.channel, exc)

@@ -106,6 +106,54 @@ class Metrics:
             registry=r,
         )
 
+        self.rate_limit_waits = Counter(
+            "connector_rate_limit_waits_total",
+            "Requests that had to wait for the client-side rate limiter, by endpoint class.",
+            ["connector", "endpoint_class"],
+            registry=r,
+        )
+        self.rate_limit_wait_seconds = Histogram(
+            "connector_rate_limit_wait_seconds",
+            "Seconds a request waited for the client-side rate limiter, by endpoint class.",
+            ["connector", "endpoint_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "connector_requests_total",
+            "REST requests to the exchange by endpoint and outcome "
+            "(ok, retriable, rejected, unauthorized, rate_limited).",
+            ["connector", "endpoint", "outcome"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "connector_request_latency_seconds",
+            "REST request round trip to the exchange, by endpoint.",
+            ["connector", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.auth_guard_failures = Gauge(
+            "connector_auth_guard_failures",
+            "Unauthorized answers (or unconfirmed first attempts) recorded for the "
+            "configured credentials, persisted in Kafka across restarts.",
+            ["connector"],
+            registry=r,
+        )
+        self.auth_guard_tripped = Gauge(
+            "connector_auth_guard_tripped",
+            "1 while the connector refuses to call the exchange with these credentials "
+            "(an operator must reset the guard or change the credentials).",
+            ["connector"],
+            registry=r,
+        )
+        self.transactions = Counter(
+            "connector_transactions_total",
+            "Kafka transactions by outcome (committed, aborted).",
+            ["connector", "outcome"],
+            registry=r,
+        )
+
     def track_last_message(self, connector: str, last: Callable[[], float | None]) -> None:
         """Export ``now - last()`` at scrape time (``+Inf`` before the first message)."""
 

@@ -17,6 +17,7 @@ from connectors.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
     from connectors.runtime.app import RuntimeContext
+    from connectors.runtime.authguard import GuardSpec
 
 GROUP = "exchange_connectors.plugins"
 
@@ -53,6 +54,8 @@ class ConnectorPlugin:
     #: ``demo``: start a simulator on ``stack`` and return a config pointing at it.
     demo: Callable[[str, contextlib.ExitStack], DemoPart] | None = None
     example_config: str | None = None
+    #: Where the connector keeps its auth-failure guard (``auth-guard`` CLI); may be None.
+    auth_guard: Callable[[Any], GuardSpec | None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

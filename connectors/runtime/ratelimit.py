@@ -1,0 +1,137 @@
+"""Client-side rate limiting that stays inside an exchange's documented limits.
+
+An exchange publishes limits such as "at most 1 request per 100 ms" per account. Two
+ways to stay inside one, chosen per endpoint class:
+
+* **Sliding window** (the budget belongs to one process): a request starts only when
+  fewer than ``count`` requests started in the last ``window_s * (1 + margin)``.
+* **Time slots** (the budget is shared by several processes on one account, e.g. a
+  poller and an order sink): wall-clock time is cut into slots of
+  ``window_s * (1 + margin)``; slot ``k`` belongs to participant ``k mod slots``, which
+  may start at most ``count`` requests, and only in the first half of the slot's
+  margin. Two participants therefore start requests at least
+  ``window_s * (1 + margin / 2)`` apart without talking to each other; the rest of the
+  margin absorbs network jitter and clock skew between hosts (keep them NTP-synced).
+  Plain rate shares (each side at half the rate) would not do: both could fire within
+  the same window.
+
+The margin is there because the exchange measures arrival times, not our start
+times. Every wait is reported through ``on_wait`` (metrics) with the seconds waited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from connectors.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` requests in any window of ``window_s`` seconds (the exchange's rule)."""
+
+    count: int
+    window_s: float
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.window_s <= 0:
+            raise ConfigError(f"invalid rate limit {self.count} per {self.window_s}s")
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process uses slot ``slot`` of every ``slots`` consecutive time slots."""
+
+    slots: int = 1
+    slot: int = 0
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or not 0 <= self.slot < self.slots:
+            raise ConfigError(
+                f"rate share: slot must be in 0..{self.slots - 1} (got slot {self.slot} "
+                f"of {self.slots})"
+            )
+
+
+class RateLimiter:
+    """Await :meth:`acquire` before every request of one endpoint class."""
+
+    def __init__(
+        self,
+        limit: RateLimit,
+        *,
+        margin: float = 0.2,
+        share: Share = Share(),
+        on_wait: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not 0.0 <= margin <= 1.0:
+            raise ConfigError(f"rate limit margin must be between 0 and 1 (got {margin})")
+        self.limit = limit
+        self.margin = margin
+        self.share = share
+        self._on_wait = on_wait
+        self._clock = clock
+        self._sleep = sleep
+        self._period = limit.window_s * (1.0 + margin)
+        self._starts: deque[float] = deque(maxlen=limit.count)
+        self._slot_index = -1
+        self._slot_used = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def requests_per_second(self) -> float:
+        """The most this limiter lets through, on average."""
+        return self.limit.count / self._period / self.share.slots
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before a request may start at ``now`` (0 = go). Pure."""
+        if self.share.slots == 1:
+            if len(self._starts) < self.limit.count:
+                return 0.0
+            return max(0.0, self._starts[0] + self._period - now)
+        index = math.floor(now / self._period)
+        offset = now - index * self._period
+        start_window = self.limit.window_s * self.margin / 2
+        mine = index % self.share.slots == self.share.slot
+        fresh = index != self._slot_index or self._slot_used < self.limit.count
+        if mine and offset <= start_window and fresh:
+            return 0.0
+        # The next slot that is ours and not used up.
+        ahead = (self.share.slot - index) % self.share.slots
+        if ahead == 0:
+            ahead = self.share.slots
+        return (index + ahead) * self._period - now
+
+    def _record(self, now: float) -> None:
+        if self.share.slots == 1:
+            self._starts.append(now)
+            return
+        index = math.floor(now / self._period)
+        if index != self._slot_index:
+            self._slot_index, self._slot_used = index, 0
+        self._slot_used += 1
+
+    async def acquire(self) -> float:
+        """Wait until a request may start; returns the seconds waited."""
+        waited = 0.0
+        async with self._lock:
+            while True:
+                now = self._clock()
+                pause = self.delay(now)
+                if pause <= 0.0:
+                    self._record(now)
+                    break
+                # Land a hair inside the slot rather than on its edge.
+                pause += 0.0005
+                waited += pause
+                await self._sleep(pause)
+        if waited > 0.0 and self._on_wait is not None:
+            self._on_wait(waited)
+        return waited

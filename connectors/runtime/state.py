@@ -1,0 +1,257 @@
+"""Exactly-once output: a transactional producer, and state kept in a compacted topic.
+
+A polling source keeps a cursor ("what have I already written?"). If the cursor and
+the records it covers were written separately, a crash between the two writes would
+either duplicate records (cursor behind) or lose them (cursor ahead). Here both go in
+one Kafka transaction; consumers reading with ``isolation_level=read_committed`` see
+all of a poll or none of it.
+
+Start-up order matters and :class:`Transactions` enforces it: ``init_transactions()``
+first (it fences a previous incarnation with the same transactional id and aborts its
+open transaction), *then* read the state topic up to its end. Reading first could
+miss a transaction that was still being committed.
+
+"End of the topic" is the high-water mark the broker reports in fetch answers, not a
+ListOffsets answer (some Kafka-protocol brokers get the latter wrong).
+
+Blocking kafka-python calls: call these from a worker thread, not the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import (
+    KafkaConfigurationError,
+    KafkaError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
+)
+
+from connectors.runtime.errors import ConfigError, FatalError, RetriableError
+from connectors.runtime.kafka import KafkaSettings, OutRecord
+from connectors.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def read_state(
+    settings: KafkaSettings, topic: str, timeout_s: float = 30.0
+) -> dict[bytes, bytes | None]:
+    """The latest committed value of every key in ``topic`` (``None`` = tombstone)."""
+    try:
+        consumer = KafkaConsumer(
+            **settings.client_config(KafkaConsumer),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+    except KafkaConfigurationError as exc:
+        raise ConfigError(f"kafka.client: {exc}") from None
+    except KafkaError as exc:
+        raise RetriableError(f"Kafka not reachable: {exc}") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic)
+        while not parts:
+            if time.monotonic() > deadline:
+                raise RetriableError(f"state topic {topic} has no partitions (yet)")
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        state: dict[bytes, bytes | None] = {}
+        while True:
+            for records in consumer.poll(timeout_ms=200).values():
+                for rec in records:
+                    if rec.key is not None:
+                        state[rec.key] = rec.value
+            done = True
+            for tp in tps:
+                high = consumer.highwater(tp)
+                if high is None or consumer.position(tp) < high:
+                    done = False
+                    break
+            if done:
+                return state
+            if time.monotonic() > deadline:
+                raise RetriableError(f"could not read state topic {topic} to its end")
+    except KafkaError as exc:
+        raise RetriableError(f"reading state topic {topic}: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+class Transactions:
+    """One transactional producer: :meth:`commit` writes a list of records atomically.
+
+    After any failure the producer is closed and rebuilt on the next call, and the
+    caller must reload its state from Kafka: a commit that timed out may still have
+    succeeded on the broker, so in-memory state is no longer trustworthy.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        transactional_id: str,
+        metrics: Metrics,
+        connector: str,
+        transaction_timeout_ms: int = 60_000,
+    ) -> None:
+        self._settings = settings
+        self.transactional_id = transactional_id
+        self._timeout_ms = transaction_timeout_ms
+        self._producer: Any = None
+        self._committed = metrics.transactions.labels(connector, "committed")
+        self._aborted = metrics.transactions.labels(connector, "aborted")
+        self._records = metrics.records
+        self._connector = connector
+        self._lock = threading.Lock()
+        self.failed_since: float | None = None
+
+    def healthy(self) -> bool:
+        """False while the last transaction failed (until one commits again)."""
+        return self.failed_since is None
+
+    def start(self) -> None:
+        """Create the producer and fence any earlier instance (idempotent)."""
+        if self._producer is not None:
+            return
+        cfg = self._settings.client_config(KafkaProducer)
+        cfg.update(
+            acks="all",
+            enable_idempotence=True,
+            transactional_id=self.transactional_id,
+            transaction_timeout_ms=self._timeout_ms,
+            linger_ms=self._settings.linger_ms,
+            request_timeout_ms=self._settings.request_timeout_ms,
+            delivery_timeout_ms=self._settings.delivery_timeout_ms,
+            max_block_ms=30_000,
+        )
+        if self._settings.compression_type:
+            cfg["compression_type"] = self._settings.compression_type
+        try:
+            producer = KafkaProducer(**cfg)
+        except KafkaConfigurationError as exc:
+            raise ConfigError(f"kafka.client: {exc}") from None
+        except KafkaError as exc:
+            raise RetriableError(f"Kafka not reachable: {exc}") from exc
+        try:
+            producer.init_transactions()
+        except TransactionalIdAuthorizationFailedError as exc:
+            producer.close(timeout=1)
+            raise FatalError(f"not allowed to use transactional id: {exc}") from exc
+        except KafkaError as exc:
+            producer.close(timeout=1)
+            raise RetriableError(f"cannot initialise transactions: {exc}") from exc
+        self._producer = producer
+
+    def commit(self, records: Sequence[OutRecord]) -> None:
+        """Write ``records`` in one transaction; on return all are committed.
+
+        Raises :class:`FatalError` when another instance took over the transactional
+        id (two writers for one account), :class:`RetriableError` otherwise.
+        """
+        with self._lock:
+            self._commit(records)
+
+    def _commit(self, records: Sequence[OutRecord]) -> None:
+        try:
+            self.start()
+        except RetriableError:
+            self.failed_since = self.failed_since or time.monotonic()
+            raise
+        producer = self._producer
+        try:
+            producer.begin_transaction()
+            futures = [
+                producer.send(
+                    r.topic,
+                    value=r.value,
+                    key=r.key,
+                    headers=list(r.headers),
+                    timestamp_ms=r.timestamp_ms,
+                    partition=r.partition,
+                )
+                for r in records
+            ]
+            producer.commit_transaction()
+            for future in futures:
+                # Already resolved by the commit; raises if a record was refused.
+                future.get(timeout=0)
+        except ProducerFencedError as exc:
+            self._discard()
+            raise FatalError(
+                f"another instance with transactional id {self.transactional_id!r} "
+                "took over; this one stops (single writer)"
+            ) from exc
+        except KafkaError as exc:
+            self.failed_since = self.failed_since or time.monotonic()
+            self._aborted.inc()
+            self._abort_quietly()
+            self._discard()
+            raise RetriableError(f"Kafka transaction failed: {exc!r}") from exc
+        self.failed_since = None
+        self._committed.inc()
+        for r in records:
+            self._records.labels(self._connector, r.channel, "produced").inc()
+
+    def partitions(self, topic: str) -> list[int]:
+        """Partition numbers of ``topic`` (for markers that every consumer must see)."""
+        with self._lock:
+            self.start()
+            try:
+                parts = self._producer.partitions_for(topic)
+            except KafkaError as exc:
+                raise RetriableError(f"no metadata for {topic}: {exc}") from exc
+        return sorted(parts or [0])
+
+    def _abort_quietly(self) -> None:
+        try:
+            self._producer.abort_transaction()
+        except Exception as exc:  # the producer is rebuilt anyway
+            log.debug("abort after a failed transaction did not complete: %r", exc)
+
+    def _discard(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=2)
+            except Exception as exc:
+                log.debug("closing a failed transactional producer: %r", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard()
+
+
+def write_record(settings: KafkaSettings, record: OutRecord, timeout_s: float = 30.0) -> None:
+    """Write one record outside any transaction and wait for the acknowledgement
+    (operator commands such as an auth-guard reset)."""
+    try:
+        producer = KafkaProducer(
+            **settings.client_config(KafkaProducer), acks="all", enable_idempotence=True
+        )
+    except KafkaConfigurationError as exc:
+        raise ConfigError(f"kafka.client: {exc}") from None
+    except KafkaError as exc:
+        raise RetriableError(f"Kafka not reachable: {exc}") from exc
+    try:
+        producer.send(
+            record.topic,
+            value=record.value,
+            key=record.key,
+            headers=list(record.headers),
+            timestamp_ms=record.timestamp_ms,
+        ).get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise RetriableError(f"could not write to {record.topic}: {exc}") from exc
+    finally:
+        producer.close(timeout=5)

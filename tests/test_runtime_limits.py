@@ -1,0 +1,248 @@
+"""Rate limiter and auth guard: pure behaviour with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import pytest
+
+from connectors.runtime.authguard import (
+    AuthGuard,
+    GuardEntry,
+    GuardSpec,
+    entry_for,
+    fingerprint,
+    record_for,
+    reset_entry,
+)
+from connectors.runtime.errors import AuthError, ConfigError
+from connectors.runtime.kafka import OutRecord
+from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
+
+
+class FakeTime:
+    """A clock that only moves when the limiter sleeps."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class VirtualTime(FakeTime):
+    """Sleepers wake in time order; the clock jumps to the next wake-up when all sleep
+    (so concurrent sleeps overlap, as in real time)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + seconds, id(future), future))
+        await future
+
+    async def run(self, *work: Coroutine[Any, Any, None]) -> None:
+        tasks = [asyncio.ensure_future(w) for w in work]
+        while not all(t.done() for t in tasks):
+            for _ in range(10):
+                await asyncio.sleep(0)
+            if self._sleepers:
+                wake, _, future = heapq.heappop(self._sleepers)
+                self.now = max(self.now, wake)
+                future.set_result(None)
+        for t in tasks:
+            t.result()
+
+
+def starts(limiter: RateLimiter, clock: FakeTime, n: int) -> list[float]:
+    async def go() -> list[float]:
+        out = []
+        for _ in range(n):
+            await limiter.acquire()
+            out.append(clock.now)
+        return out
+
+    return asyncio.run(go())
+
+
+def max_in_window(times: Sequence[float], window: float) -> int:
+    return max(sum(1 for u in times if t <= u < t + window) for t in times)
+
+
+def test_sliding_window_never_exceeds_the_limit_even_with_margin_zero() -> None:
+    clock = FakeTime()
+    limiter = RateLimiter(RateLimit(10, 0.1), margin=0.0, clock=clock, sleep=clock.sleep)
+    times = starts(limiter, clock, 95)
+    assert max_in_window(times, 0.1) == 10
+    # ... and it is not slower than it must be: 95 requests in about 0.9 s.
+    assert times[-1] - times[0] == pytest.approx(0.9, abs=0.01)
+
+
+def test_margin_widens_the_window() -> None:
+    clock = FakeTime()
+    limiter = RateLimiter(RateLimit(1, 0.1), margin=0.2, clock=clock, sleep=clock.sleep)
+    times = starts(limiter, clock, 20)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= 0.12 - 1e-9
+    assert limiter.requests_per_second == pytest.approx(1 / 0.12)
+
+
+def test_waits_are_reported() -> None:
+    clock = FakeTime()
+    waits: list[float] = []
+    limiter = RateLimiter(
+        RateLimit(1, 0.1), margin=0.2, on_wait=waits.append, clock=clock, sleep=clock.sleep
+    )
+    starts(limiter, clock, 5)
+    assert len(waits) == 4  # the first request goes at once
+    assert all(w == pytest.approx(0.12, abs=0.001) for w in waits)
+
+
+def test_two_sharing_processes_never_start_within_one_window() -> None:
+    """Poller and sink on one account: separate limiters, same wall clock."""
+    clock = VirtualTime(start=1_000_000.037)
+    a = RateLimiter(
+        RateLimit(1, 0.1), margin=0.2, share=Share(2, 0), clock=clock, sleep=clock.sleep
+    )
+    b = RateLimiter(
+        RateLimit(1, 0.1), margin=0.2, share=Share(2, 1), clock=clock, sleep=clock.sleep
+    )
+    times: list[tuple[float, str]] = []
+
+    async def run(limiter: RateLimiter, name: str) -> None:
+        for _ in range(30):
+            await limiter.acquire()
+            times.append((clock.now, name))
+
+    async def both() -> None:
+        await clock.run(run(a, "a"), run(b, "b"))
+
+    asyncio.run(both())
+    stamps = sorted(t for t, _ in times)
+    gaps = [y - x for x, y in zip(stamps, stamps[1:], strict=False)]
+    assert min(gaps) >= 0.1 + 0.01 - 1e-9  # window plus half the margin
+    assert {n for _, n in times} == {"a", "b"}
+    # Each got its half of the budget: 30 requests in about 30 slot pairs.
+    assert stamps[-1] - stamps[0] < 30 * 2 * 0.12 + 0.25
+
+
+def test_invalid_shares_and_limits_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        Share(2, 2)
+    with pytest.raises(ConfigError):
+        RateLimit(0, 0.1)
+    with pytest.raises(ConfigError):
+        RateLimiter(RateLimit(1, 0.1), margin=2.0)
+
+
+# -- auth guard --------------------------------------------------------------------------
+
+SPEC = GuardSpec("guard-topic", fingerprint("test", "key", "id", "private"), limit=2)
+
+
+class Store:
+    """Stands in for the Kafka topic: what the guard committed, by key."""
+
+    def __init__(self) -> None:
+        self.records: list[OutRecord] = []
+
+    def commit(self, batch: Sequence[OutRecord]) -> None:
+        self.records.extend(batch)
+
+    def state(self) -> dict[bytes, bytes | None]:
+        return {r.key: r.value for r in self.records if r.key is not None}
+
+
+def guard_from(store: Store, now: int = 1) -> AuthGuard:
+    return AuthGuard(SPEC, entry_for(store.state(), SPEC), store.commit, lambda: now)
+
+
+def test_fingerprints_are_stable_and_do_not_contain_the_credentials() -> None:
+    one = fingerprint("robicoin", "pub", "42", "very-secret-private-key")
+    assert one == fingerprint("robicoin", "pub", "42", "very-secret-private-key")
+    assert one != fingerprint("robicoin", "pub", "42", "other-private-key")
+    assert one != fingerprint("robicoin", "pu", "b42", "very-secret-private-key")
+    assert "secret" not in one and len(one) == 16
+
+
+def test_the_count_is_committed_before_the_first_request() -> None:
+    store = Store()
+    guard = guard_from(store)
+    guard.before_request()
+    # A crash right now (after the request left) still counts as one failure.
+    assert entry_for(store.state(), SPEC).failures == 1
+    guard.succeeded()
+    assert entry_for(store.state(), SPEC).failures == 0
+    guard.before_request()  # verified: nothing more to write
+    assert len(store.records) == 2
+
+
+def test_crash_loop_with_bad_credentials_stops_at_the_limit() -> None:
+    store = Store()
+    attempts = 0
+    for _restart in range(6):
+        guard = guard_from(store)
+        if guard.blocked:
+            continue
+        guard.before_request()
+        attempts += 1
+        guard.unauthorized("HTTP 401")
+    assert attempts == SPEC.limit
+    assert entry_for(store.state(), SPEC).state == "failed"
+
+
+def test_crashes_before_any_answer_also_use_the_budget() -> None:
+    store = Store()
+    for _restart in range(5):
+        guard = guard_from(store)
+        if not guard.blocked:
+            guard.before_request()  # ... and the process dies before the answer
+    assert guard_from(store).blocked
+
+
+def test_answers_without_a_verdict_give_the_count_back() -> None:
+    store = Store()
+    for _ in range(5):
+        guard = guard_from(store)
+        guard.before_request()
+        guard.inconclusive()  # 503 / network error: says nothing about the credentials
+    assert entry_for(store.state(), SPEC).failures == 0
+    assert not guard_from(store).blocked
+
+
+def test_a_failure_after_success_is_counted_and_stops_this_process() -> None:
+    store = Store()
+    guard = guard_from(store)
+    guard.before_request()
+    guard.succeeded()
+    guard.unauthorized("HTTP 401 (key revoked)")
+    assert guard.blocked
+    assert entry_for(store.state(), SPEC).failures == 1
+    with pytest.raises(AuthError):
+        guard.before_request()
+
+
+def test_an_operator_reset_reopens_the_guard() -> None:
+    store = Store()
+    for _ in range(2):
+        guard = guard_from(store)
+        guard.before_request()
+        guard.unauthorized("HTTP 401")
+    assert guard.blocked
+    store.commit([record_for(SPEC, reset_entry(now_ms=5))])
+    latest = entry_for(store.state(), SPEC)
+    assert guard.try_reopen(latest)
+    assert not guard.blocked
+    assert not guard_from(store).blocked
+
+
+def test_an_unreadable_guard_record_is_treated_as_tripped() -> None:
+    assert GuardEntry.from_bytes(b"not json").failures >= SPEC.limit
