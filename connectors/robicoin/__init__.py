@@ -1,0 +1,1 @@
+"""Robicoin REST API v1: protocol, client, poller source and simulator."""

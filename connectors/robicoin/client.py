@@ -1,0 +1,193 @@
+"""Blocking Robicoin HTTP client: signs, sends, and turns every answer into a result or
+one of the runtime's errors (run it in a worker thread).
+
+The session, base URL and clock are injected; :func:`protocol.classify` decides what
+an answer means. The client never retries on its own: the caller owns rate limits,
+back-off and the authentication guard, and decides whether a request that may have
+reached the exchange (``RequestFailed.maybe_executed``) can be repeated at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import requests
+
+from connectors.robicoin import protocol
+from connectors.robicoin.protocol import Endpoint, Outcome
+from connectors.robicoin.signing import auth_fields
+from connectors.runtime.errors import (
+    AuthError,
+    BadMessage,
+    FatalError,
+    RejectedError,
+    RetriableError,
+)
+from connectors.runtime.logs import redact
+
+log = logging.getLogger(__name__)
+
+#: Local clock this far from the server's ``Date`` header → sign with server time.
+MAX_CLOCK_SKEW_S = 2.0
+
+
+class RequestFailed(RetriableError):
+    """A transient failure. ``maybe_executed``: the request may have reached the exchange
+    (read timeout, reset after sending, 5xx), so a non-idempotent call must not be
+    repeated blindly."""
+
+    def __init__(self, message: str, *, maybe_executed: bool, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_executed = maybe_executed
+        self.rate_limited = rate_limited
+
+
+@dataclass(frozen=True)
+class Credentials:
+    public_key: str
+    public_id: str
+    private_key: str
+
+    def __repr__(self) -> str:
+        return "Credentials(***)"
+
+
+@dataclass(frozen=True)
+class Answer:
+    payload: Any
+    text: str
+    elapsed_s: float
+
+
+class RobicoinClient:
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials | None,
+        *,
+        session: requests.Session | None = None,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        on_answer: Callable[[Endpoint, str, float], None] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._credentials = credentials
+        self._session = session or requests.Session()
+        self._timeout = (connect_timeout_s, timeout_s)
+        self._clock = clock
+        self._on_answer = on_answer
+        self.clock_offset_s = 0.0
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _now_s(self) -> int:
+        return int(self._clock() + self.clock_offset_s)
+
+    def _learn_clock(self, response: requests.Response) -> None:
+        date = response.headers.get("Date")
+        if not date:
+            return
+        try:
+            server = parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        skew = server - self._clock()
+        # The header has one-second resolution: only act on a clear difference.
+        if abs(skew) > MAX_CLOCK_SKEW_S:
+            if abs(skew - self.clock_offset_s) > MAX_CLOCK_SKEW_S:
+                log.warning("local clock is %.0fs off the exchange's; signing with its time", skew)
+            self.clock_offset_s = skew
+        else:
+            self.clock_offset_s = 0.0
+
+    def call(self, endpoint: Endpoint, fields: Mapping[str, str] | None = None) -> Answer:
+        """Send one request; returns the decoded answer or raises.
+
+        Raises :class:`RequestFailed` (retriable), :class:`AuthError` (stop calling
+        with these credentials), :class:`RejectedError` (a definite no for this
+        request), :class:`FatalError` (wrong base URL) or :class:`BadMessage` (a 2xx
+        answer that is not the documented JSON).
+        """
+        url = f"{self.base_url}/{endpoint.path}"
+        started = time.monotonic()
+        try:
+            if endpoint.signed:
+                if self._credentials is None:
+                    raise FatalError(f"{endpoint.name} needs credentials and none are configured")
+                c = self._credentials
+                body = auth_fields(c.public_key, c.public_id, c.private_key, self._now_s())
+                body.update(fields or {})
+                response = self._session.post(url, data=body, timeout=self._timeout)
+            else:
+                response = self._session.get(url, timeout=self._timeout)
+        except requests.ConnectTimeout as exc:
+            self._report(endpoint, "retriable", started)
+            raise RequestFailed(
+                f"{endpoint.name}: connect timeout ({type(exc).__name__})", maybe_executed=False
+            ) from None
+        except requests.ConnectionError as exc:
+            self._report(endpoint, "retriable", started)
+            # A refused connection never carried the request; a reset after sending may have.
+            sent = not _connect_refused(exc)
+            raise RequestFailed(
+                f"{endpoint.name}: connection error ({type(exc).__name__})", maybe_executed=sent
+            ) from None
+        except requests.Timeout:
+            self._report(endpoint, "retriable", started)
+            raise RequestFailed(f"{endpoint.name}: read timeout", maybe_executed=True) from None
+        except requests.RequestException as exc:
+            self._report(endpoint, "retriable", started)
+            raise RequestFailed(
+                f"{endpoint.name}: request failed ({type(exc).__name__})", maybe_executed=True
+            ) from None
+        elapsed = time.monotonic() - started
+        self._learn_clock(response)
+        text = response.text
+        outcome = protocol.classify(endpoint, response.status_code, text)
+        self._report(endpoint, outcome.value, started)
+        message = redact(protocol.error_message(text))
+        status = response.status_code
+        if outcome is Outcome.RATE_LIMITED:
+            raise RequestFailed(
+                f"{endpoint.name}: HTTP 429 {message}", maybe_executed=False, rate_limited=True
+            )
+        if outcome is Outcome.RETRIABLE:
+            raise RequestFailed(f"{endpoint.name}: HTTP {status} {message}", maybe_executed=True)
+        if outcome is Outcome.UNAUTHORIZED:
+            raise AuthError(f"{endpoint.name}: HTTP {status} {message}")
+        if outcome is Outcome.NOT_FOUND:
+            raise FatalError(f"{endpoint.name}: HTTP {status} at {url}: check the base URL")
+        if outcome is Outcome.REJECTED:
+            raise RejectedError(status, message)
+        try:
+            payload = protocol.decode(text)
+        except ValueError:
+            raise BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON") from None
+        return Answer(payload, text, elapsed)
+
+    def _report(self, endpoint: Endpoint, outcome: str, started: float) -> None:
+        if self._on_answer is not None:
+            self._on_answer(endpoint, outcome, time.monotonic() - started)
+
+
+def _connect_refused(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        if "NewConnectionError" in type(current).__name__:
+            return True
+        nxt = current.__cause__ or current.__context__
+        if nxt is None and current.args and isinstance(current.args[0], BaseException):
+            nxt = current.args[0]
+        current = nxt
+    return False

@@ -1,0 +1,490 @@
+"""Robicoin REST API v1 as pure functions: endpoints, answers → typed rows, cursors.
+
+No network, no Kafka, no clock: callers pass ``now`` and the response text. Every
+decimal keeps the exchange's exact text (ticker values are JSON *numbers*; they are
+decoded from their literal text, never through float).
+
+Answer classification, in one place (:func:`classify`)::
+
+    200 + JSON object with "data" or "success" ...... ok
+    429, 5xx .......................................... retriable (back off, try again)
+    401, 403, or any other 4xx to a request that
+      carried nothing but the credentials ............. unauthorized (stop calling!)
+    404, 405 .......................................... not found (wrong base URL: config)
+    other 4xx ......................................... rejected (this call only)
+
+Ten unauthorized answers block the caller's IP, so "unauthorized" is decided
+conservatively: a poll request carries nothing but the four auth fields, so a 400
+to it can only be about them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from connectors.runtime.errors import BadMessage
+
+EXCHANGE = "robicoin"
+TICKER_WINDOWS = ("24h", "1min", "1hour", "1day", "1month")
+#: Both ``order`` and ``transaction`` answer with at most this many rows.
+WINDOW_ROWS = 25
+
+
+class EndpointClass(StrEnum):
+    """The spec's two rate-limit classes."""
+
+    TICKER = "ticker"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    method: str
+    path: str
+    klass: EndpointClass
+    #: True when the request carries only the four auth fields.
+    auth_only: bool = True
+
+    @property
+    def signed(self) -> bool:
+        return self.method == "POST"
+
+
+def ticker_endpoint(window: str) -> Endpoint:
+    if window not in TICKER_WINDOWS:
+        raise ValueError(f"unknown ticker window {window!r} (known: {', '.join(TICKER_WINDOWS)})")
+    path = "ticker" if window == "24h" else f"ticker/{window}"
+    return Endpoint(f"ticker:{window}", "GET", path, EndpointClass.TICKER, auth_only=False)
+
+
+ORDER = Endpoint("order", "POST", "order", EndpointClass.OTHER)
+BALANCE = Endpoint("balance", "POST", "balance", EndpointClass.OTHER)
+TRANSACTION = Endpoint("transaction", "POST", "transaction", EndpointClass.OTHER)
+OPEN_ORDER = Endpoint("open-order", "POST", "open-order", EndpointClass.OTHER)
+CREATE_ORDER = Endpoint("create-order", "POST", "create-order", EndpointClass.OTHER, False)
+DELETE_ORDER = Endpoint("delete-order", "POST", "delete-order", EndpointClass.OTHER, False)
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+class JsonNumber(str):
+    """A JSON number kept as its literal text (``20659.95`` stays ``"20659.95"``)."""
+
+    __slots__ = ()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def decode(text: str) -> Any:
+    """JSON with every number kept as text (no float, no int rounding surprises)."""
+    return json.loads(
+        text, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant
+    )
+
+
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+
+
+def decimal_text(value: Any, name: str) -> str:
+    """The exact decimal text of ``value`` (a JSON string or number), validated."""
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        raise BadMessage("bad_decimal", f"{name}: expected a decimal, got {_short(value)}")
+    try:
+        if not Decimal(value).is_finite():
+            raise InvalidOperation
+    except InvalidOperation:
+        raise BadMessage("bad_decimal", f"{name}: not a finite decimal: {_short(value)}") from None
+    return str(value)
+
+
+def local_time_ms(text: Any, zone: ZoneInfo, name: str) -> int:
+    """``YYYY-MM-DD HH:MM:SS`` in ``zone`` → Unix milliseconds (UTC).
+
+    >>> local_time_ms("2018-02-19 21:11:44", ZoneInfo("Europe/Istanbul"), "t")
+    1519063904000
+    """
+    if not isinstance(text, str) or not _LOCAL_TIME.fullmatch(text):
+        raise BadMessage("bad_time", f"{name}: expected YYYY-MM-DD HH:MM:SS, got {_short(text)}")
+    try:
+        local = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=zone)
+    except ValueError:
+        raise BadMessage("bad_time", f"{name}: not a valid time: {_short(text)}") from None
+    return int(local.astimezone(UTC).timestamp()) * 1000
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(row: Mapping[str, Any], name: str, allowed: Iterable[str] | None = None) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or isinstance(value, JsonNumber) or not value:
+        raise BadMessage("bad_field", f"{name}: expected a non-empty string, got {_short(value)}")
+    if allowed is not None and value not in allowed:
+        raise BadMessage("bad_field", f"{name}: unexpected value {_short(value)}")
+    return value
+
+
+def data_rows(payload: Any) -> list[Mapping[str, Any]]:
+    """The ``data`` list of an answer; raises :class:`BadMessage` for anything else.
+
+    >>> data_rows(decode('{"data": [{"type": "btc-try"}]}'))
+    [{'type': 'btc-try'}]
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        raise BadMessage("bad_answer", "expected an object with a 'data' list")
+    return list(payload["data"])
+
+
+def row_text(row: Any) -> str:
+    """A row as canonical JSON text (exact numbers): the dead-letter body and fingerprint input."""
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- typed rows ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ticker:
+    """``{"type": "btc-try", "high": 20950.00, "last": 20659.95, "bid": 20556.51,
+    "volume": 142.95, "low": 20500.00, "ask": 20659.95, "avarage": 20761.68}``"""
+
+    pair: str
+    window: str
+    high: str
+    low: str
+    last: str
+    bid: str
+    ask: str
+    volume: str
+    average: str
+
+    def data(self) -> dict[str, str]:
+        return {
+            "pair": self.pair,
+            "window": self.window,
+            "high": self.high,
+            "low": self.low,
+            "last": self.last,
+            "bid": self.bid,
+            "ask": self.ask,
+            "volume": self.volume,
+            "average": self.average,
+        }
+
+
+def parse_ticker(row: Mapping[str, Any], window: str) -> Ticker:
+    if not isinstance(row, dict):
+        raise BadMessage("bad_row", "ticker row is not an object")
+    # The exchange spells it "avarage"; accept the dictionary spelling too.
+    average = row.get("avarage", row.get("average"))
+    return Ticker(
+        pair=_text(row, "type"),
+        window=window,
+        high=decimal_text(row.get("high"), "high"),
+        low=decimal_text(row.get("low"), "low"),
+        last=decimal_text(row.get("last"), "last"),
+        bid=decimal_text(row.get("bid"), "bid"),
+        ask=decimal_text(row.get("ask"), "ask"),
+        volume=decimal_text(row.get("volume"), "volume"),
+        average=decimal_text(average, "avarage"),
+    )
+
+
+@dataclass(frozen=True)
+class Row:
+    """A parsed account or market row: the record key, its time and the record data."""
+
+    key: str
+    event_time_ms: int | None
+    data: dict[str, Any]
+
+
+def _times(row: Mapping[str, Any], zone: ZoneInfo, names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        out[name] = _text(row, name)
+        out[f"{name}_ms"] = local_time_ms(row.get(name), zone, name)
+    return out
+
+
+_SIDES = ("buy", "sell")
+
+
+def parse_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
+    """A market open order (``/order``)::
+
+    {"type": "btc-try", "side": "sell", "amount": "1.00000000", "price": "12000.00000000",
+     "total": "12000.00000000", "status": "active", "created_at": "2018-02-19 21:11:44"}
+    """
+    if not isinstance(row, dict):
+        raise BadMessage("bad_row", "order row is not an object")
+    data: dict[str, Any] = {
+        "pair": _text(row, "type"),
+        "side": _text(row, "side", _SIDES),
+        "amount": decimal_text(row.get("amount"), "amount"),
+        "price": decimal_text(row.get("price"), "price"),
+        "total": decimal_text(row.get("total"), "total"),
+        "status": _text(row, "status"),
+    }
+    data.update(_times(row, zone, ("created_at",)))
+    return Row(data["pair"], data["created_at_ms"], data)
+
+
+def parse_balance(row: Mapping[str, Any]) -> Row:
+    """``{"currency": "try", "balance": "9172.30000000",
+    "reserved_balance": "10000.00000000", "status": "active"}``"""
+    if not isinstance(row, dict):
+        raise BadMessage("bad_row", "balance row is not an object")
+    data = {
+        "currency": _text(row, "currency"),
+        "balance": decimal_text(row.get("balance"), "balance"),
+        "reserved_balance": decimal_text(row.get("reserved_balance"), "reserved_balance"),
+        "status": _text(row, "status"),
+    }
+    return Row(data["currency"], None, data)
+
+
+def parse_transaction(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
+    """An account movement (``/transaction``); ``txid`` is null for trades::
+
+    {"zone": "maker", "type": "btc-try", "amount": "3.00000000", "price": "5500.00000000",
+     "total": "16500.00000000", "fee": "16.50000000", "status": "approved", "txid": null,
+     "updated_at": "2018-02-19 02:55:38", "created_at": "2018-02-19 02:55:38"}
+    """
+    if not isinstance(row, dict):
+        raise BadMessage("bad_row", "transaction row is not an object")
+    txid = row.get("txid")
+    if txid is not None and (not isinstance(txid, str) or isinstance(txid, JsonNumber)):
+        raise BadMessage("bad_field", f"txid: expected a string or null, got {_short(txid)}")
+    data: dict[str, Any] = {
+        "zone": _text(row, "zone"),
+        "pair": _text(row, "type"),
+        "amount": decimal_text(row.get("amount"), "amount"),
+        "price": decimal_text(row.get("price"), "price"),
+        "total": decimal_text(row.get("total"), "total"),
+        "fee": decimal_text(row.get("fee"), "fee"),
+        "status": _text(row, "status"),
+        "txid": txid,
+    }
+    data.update(_times(row, zone, ("created_at", "updated_at")))
+    return Row(data["pair"], data["created_at_ms"], data)
+
+
+def parse_open_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
+    """An account open order (``/open-order``)::
+
+    {"data_id": 18, "type": "btc-try", "side": "buy", "amount": "0.50000000",
+     "price": "10000.00000000", "total": "5000.00000000", "status": "active",
+     "created_at": "2018-02-19 21:34:19"}
+    """
+    if not isinstance(row, dict):
+        raise BadMessage("bad_row", "open-order row is not an object")
+    data_id = row.get("data_id")
+    if not isinstance(data_id, JsonNumber) or not data_id.isdigit():
+        raise BadMessage("bad_field", f"data_id: expected an integer, got {_short(data_id)}")
+    data: dict[str, Any] = {
+        "data_id": int(data_id),
+        "pair": _text(row, "type"),
+        "side": _text(row, "side", _SIDES),
+        "amount": decimal_text(row.get("amount"), "amount"),
+        "price": decimal_text(row.get("price"), "price"),
+        "total": decimal_text(row.get("total"), "total"),
+        "status": _text(row, "status"),
+    }
+    data.update(_times(row, zone, ("created_at",)))
+    return Row(data["pair"], data["created_at_ms"], data)
+
+
+# -- answers ---------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    RETRIABLE = "retriable"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    REJECTED = "rejected"
+
+
+_AUTH_WORDS = ("unauthor", "auth", "hash", "signature", "permission", "yetki", "blocked", "ip ")
+
+
+def classify(endpoint: Endpoint, status: int, body: str) -> Outcome:
+    """What the caller does with an answer (see the module docstring)."""
+    if 200 <= status < 300:
+        return Outcome.OK
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status >= 500 or status < 200:
+        return Outcome.RETRIABLE
+    if status in (401, 403):
+        return Outcome.UNAUTHORIZED
+    if status in (404, 405):
+        return Outcome.NOT_FOUND
+    if endpoint.signed and endpoint.auth_only:
+        return Outcome.UNAUTHORIZED
+    if endpoint.signed and any(word in body.lower() for word in _AUTH_WORDS):
+        return Outcome.UNAUTHORIZED
+    return Outcome.REJECTED
+
+
+def error_message(body: str) -> str:
+    """A short, log-safe description of an error answer (the caller redacts secrets)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        for key in ("error", "message", "success"):
+            if isinstance(payload.get(key), str):
+                return _short(payload[key])
+    return _short(" ".join(body.split())) or "(empty body)"
+
+
+# -- incremental polling without ids ---------------------------------------------------
+
+
+def row_fingerprint(row: Any) -> str:
+    """A stable fingerprint of one raw row (canonical JSON, exact number text)."""
+    return hashlib.sha256(row_text(row).encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a ``last N rows`` stream stands: the newest row time written so far and how
+    many rows of each fingerprint were written at exactly that time (identical rows are
+    legal: two equal fills in one second)."""
+
+    newest: str | None = None
+    seen: Mapping[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"newest": self.newest, "seen": dict(sorted(self.seen.items()))}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Cursor:
+        newest = value.get("newest")
+        seen = value.get("seen") or {}
+        if newest is not None and not isinstance(newest, str):
+            raise ValueError("cursor.newest must be a string")
+        if not isinstance(seen, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in seen.items()
+        ):
+            raise ValueError("cursor.seen must map fingerprints to counts")
+        return cls(newest, dict(seen))
+
+
+@dataclass(frozen=True)
+class Advance:
+    """The result of comparing one poll with the cursor."""
+
+    new_rows: list[Any]
+    cursor: Cursor
+    #: True when the window was full and did not reach back past the cursor's second:
+    #: rows may have been missed between the two polls.
+    gap: bool
+
+
+def _sort_time(row: Any, time_field: str) -> str:
+    value = row.get(time_field) if isinstance(row, dict) else None
+    if not isinstance(value, str) or not _LOCAL_TIME.fullmatch(value):
+        # A row without a usable time sorts as "now": it is never mistaken for old.
+        return "9999-12-31 23:59:59"
+    return value
+
+
+def advance(
+    cursor: Cursor, rows: Sequence[Any], time_field: str, window: int = WINDOW_ROWS
+) -> Advance:
+    """Which rows of a newest-first ``last N`` answer are new, oldest first.
+
+    ``YYYY-MM-DD HH:MM:SS`` text sorts like the time it names, so times are compared
+    as text (same zone throughout). A row is new when it is newer than the cursor, or
+    at the cursor's time but beyond the count of identical rows already written.
+    Rows older than the cursor were written before (or left the window unseen: that is
+    what the gap flag is for).
+    """
+    timed = [(_sort_time(r, time_field), row_fingerprint(r), r) for r in rows]
+    if cursor.newest is None:
+        first = max((t for t, _, _ in timed), default=None)
+        counts = Counter(fp for t, fp, _ in timed if t == first)
+        return Advance([r for _, _, r in reversed(timed)], Cursor(first, dict(counts)), gap=False)
+
+    at_cursor: Counter[str] = Counter()
+    new: list[Any] = []
+    reaches_back = False
+    # Oldest first, so that among identical rows the *older* ones count as seen.
+    for t, fp, r in reversed(timed):
+        if t < cursor.newest:
+            reaches_back = True
+        elif t == cursor.newest:
+            at_cursor[fp] += 1
+            if at_cursor[fp] > cursor.seen.get(fp, 0):
+                new.append(r)
+        else:
+            new.append(r)
+    newest = max([cursor.newest, *(t for t, _, _ in timed)])
+    seen: dict[str, int]
+    if newest == cursor.newest:
+        merged = Counter(cursor.seen)
+        for fp, n in at_cursor.items():
+            merged[fp] = max(merged[fp], n)
+        seen = dict(merged)
+    else:
+        seen = dict(Counter(fp for t, fp, _ in timed if t == newest))
+    # Only a window that is not full, or that reaches back past the cursor's second,
+    # provably holds every row since the cursor. A full window that starts at the
+    # cursor's second may have cut rows of that second, and rows can be identical, so
+    # counting cannot tell old from new there: say so rather than guess.
+    gap = len(rows) >= window and not reaches_back
+    return Advance(new, Cursor(newest, seen), gap)
+
+
+# -- change detection (balance, open-order) ---------------------------------------------
+
+
+def diff_keys(
+    previous: Mapping[str, str], current: Mapping[str, str], window_full: bool = False
+) -> list[tuple[str, str]]:
+    """Compare two snapshots given as ``{key: row fingerprint}``.
+
+    Returns ``(key, change)`` pairs: ``opened`` (new key), ``changed`` (same key, other
+    content), ``closed`` (key gone). When the answer was a full ``last N`` window and
+    keys are increasing integers (``data_id``), a key older than everything shown may
+    merely have scrolled out of the window: it is ``out_of_window``, not ``closed``.
+
+    >>> diff_keys({"17": "a", "18": "b"}, {"18": "c", "19": "d"})
+    [('18', 'changed'), ('19', 'opened'), ('17', 'closed')]
+    """
+    out: list[tuple[str, str]] = []
+    for key, fp in current.items():
+        if key not in previous:
+            out.append((key, "opened"))
+        elif previous[key] != fp:
+            out.append((key, "changed"))
+    numeric = [int(k) for k in current if k.isdigit()]
+    oldest = min(numeric) if window_full and numeric else None
+    for key in previous:
+        if key in current:
+            continue
+        scrolled = oldest is not None and key.isdigit() and int(key) < oldest
+        out.append((key, "out_of_window" if scrolled else "closed"))
+    return out
