@@ -326,3 +326,21 @@ def test_diff_keys_reports_opened_changed_closed_and_scrolled_out() -> None:
     assert sorted(changes) == [("10", "out_of_window"), ("20", "changed"), ("35", "opened")]
     # Not a full window: a missing order really closed.
     assert protocol.diff_keys({"1": "a"}, {}, window_full=False) == [("1", "closed")]
+
+
+def test_a_row_without_a_usable_time_is_new_once_and_never_moves_the_cursor() -> None:
+    history = [tx(1), tx(2)]
+    step = protocol.advance(Cursor(), window(history), "created_at")
+    broken = tx(3) | {"created_at": "19.02.2018 02:55"}
+    history += [broken]
+    once = protocol.advance(step.cursor, window(history), "created_at")
+    assert once.new_rows == [broken]
+    assert once.cursor.newest == step.cursor.newest
+    history += [tx(4)]
+    later = protocol.advance(
+        Cursor.from_json(json.loads(json.dumps(once.cursor.to_json()))),
+        window(history),
+        "created_at",
+    )
+    # Later rows are still new; the broken one is not handed out again.
+    assert later.new_rows == [tx(4)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Coroutine, Sequence
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -90,7 +91,7 @@ def test_margin_widens_the_window() -> None:
     clock = FakeTime()
     limiter = RateLimiter(RateLimit(1, 0.1), margin=0.2, clock=clock, sleep=clock.sleep)
     times = starts(limiter, clock, 20)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(times)]
     assert min(gaps) >= 0.12 - 1e-9
     assert limiter.requests_per_second == pytest.approx(1 / 0.12)
 
@@ -127,7 +128,7 @@ def test_two_sharing_processes_never_start_within_one_window() -> None:
 
     asyncio.run(both())
     stamps = sorted(t for t, _ in times)
-    gaps = [y - x for x, y in zip(stamps, stamps[1:], strict=False)]
+    gaps = [y - x for x, y in pairwise(stamps)]
     assert min(gaps) >= 0.1 + 0.01 - 1e-9  # window plus half the margin
     assert {n for _, n in times} == {"a", "b"}
     # Each got its half of the budget: 30 requests in about 30 slot pairs.

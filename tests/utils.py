@@ -93,14 +93,17 @@ def read_topic(
     until: Callable[[list[Any]], bool] | None = None,
     timeout: float = 10.0,
     idle: float = 1.0,
+    committed: bool = False,
 ) -> list[Any]:
     """Every record of ``topic`` from the beginning: until ``until`` holds, or until
-    nothing new arrived for ``idle`` seconds (when no predicate is given)."""
+    nothing new arrived for ``idle`` seconds (when no predicate is given).
+    ``committed``: read as a transactional consumer would (``read_committed``)."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed" if committed else "read_uncommitted",
     )
     try:
         deadline = time.monotonic() + timeout

@@ -59,9 +59,13 @@ class Credentials:
 
 @dataclass(frozen=True)
 class Answer:
+    """A 2xx answer. ``error`` is set (and ``payload`` None) when its body is not JSON:
+    the caller dead-letters ``text``."""
+
     payload: Any
     text: str
     elapsed_s: float
+    error: BadMessage | None = None
 
 
 class RobicoinClient:
@@ -112,8 +116,8 @@ class RobicoinClient:
 
         Raises :class:`RequestFailed` (retriable), :class:`AuthError` (stop calling
         with these credentials), :class:`RejectedError` (a definite no for this
-        request), :class:`FatalError` (wrong base URL) or :class:`BadMessage` (a 2xx
-        answer that is not the documented JSON).
+        request) or :class:`FatalError` (wrong base URL). A 2xx answer that is not
+        JSON comes back with ``error`` set.
         """
         url = f"{self.base_url}/{endpoint.path}"
         started = time.monotonic()
@@ -169,7 +173,8 @@ class RobicoinClient:
         try:
             payload = protocol.decode(text)
         except ValueError:
-            raise BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON") from None
+            bad = BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON")
+            return Answer(None, text, elapsed, bad)
         return Answer(payload, text, elapsed)
 
     def _report(self, endpoint: Endpoint, outcome: str, started: float) -> None:

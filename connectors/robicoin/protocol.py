@@ -97,7 +97,7 @@ def decode(text: str) -> Any:
 
 
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_LOCAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+_LOCAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 
 
 def decimal_text(value: Any, name: str) -> str:
@@ -371,25 +371,36 @@ def row_fingerprint(row: Any) -> str:
 class Cursor:
     """Where a ``last N rows`` stream stands: the newest row time written so far and how
     many rows of each fingerprint were written at exactly that time (identical rows are
-    legal: two equal fills in one second)."""
+    legal: two equal fills in one second). ``timeless``: fingerprints of recent rows
+    without a usable time, already handed out once (to the dead-letter topic)."""
 
     newest: str | None = None
     seen: Mapping[str, int] = field(default_factory=dict)
+    timeless: tuple[str, ...] = ()
+
+    #: Rows without a usable time remembered (a bounded list, newest last).
+    TIMELESS_KEPT = 100
 
     def to_json(self) -> dict[str, Any]:
-        return {"newest": self.newest, "seen": dict(sorted(self.seen.items()))}
+        out: dict[str, Any] = {"newest": self.newest, "seen": dict(sorted(self.seen.items()))}
+        if self.timeless:
+            out["timeless"] = list(self.timeless)
+        return out
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> Cursor:
         newest = value.get("newest")
         seen = value.get("seen") or {}
+        timeless = value.get("timeless") or []
         if newest is not None and not isinstance(newest, str):
             raise ValueError("cursor.newest must be a string")
         if not isinstance(seen, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in seen.items()
         ):
             raise ValueError("cursor.seen must map fingerprints to counts")
-        return cls(newest, dict(seen))
+        if not isinstance(timeless, list) or not all(isinstance(k, str) for k in timeless):
+            raise ValueError("cursor.timeless must be a list of fingerprints")
+        return cls(newest, dict(seen), tuple(timeless))
 
 
 @dataclass(frozen=True)
@@ -403,11 +414,10 @@ class Advance:
     gap: bool
 
 
-def _sort_time(row: Any, time_field: str) -> str:
+def _row_time(row: Any, time_field: str) -> str | None:
     value = row.get(time_field) if isinstance(row, dict) else None
     if not isinstance(value, str) or not _LOCAL_TIME.fullmatch(value):
-        # A row without a usable time sorts as "now": it is never mistaken for old.
-        return "9999-12-31 23:59:59"
+        return None
     return value
 
 
@@ -420,19 +430,32 @@ def advance(
     as text (same zone throughout). A row is new when it is newer than the cursor, or
     at the cursor's time but beyond the count of identical rows already written.
     Rows older than the cursor were written before (or left the window unseen: that is
-    what the gap flag is for).
+    what the gap flag is for). A row without a usable time cannot be placed: it is new
+    once (the caller dead-letters it) and never moves the cursor.
     """
-    timed = [(_sort_time(r, time_field), row_fingerprint(r), r) for r in rows]
+    timed: list[tuple[str, str, Any]] = []
+    timeless = list(cursor.timeless)
+    new: list[Any] = []
+    for r in reversed(rows):  # oldest first
+        t = _row_time(r, time_field)
+        fp = row_fingerprint(r)
+        if t is None:
+            if fp not in timeless:
+                timeless.append(fp)
+                new.append(r)
+        else:
+            timed.append((t, fp, r))
+    kept = tuple(timeless[-Cursor.TIMELESS_KEPT :])
     if cursor.newest is None:
         first = max((t for t, _, _ in timed), default=None)
         counts = Counter(fp for t, fp, _ in timed if t == first)
-        return Advance([r for _, _, r in reversed(timed)], Cursor(first, dict(counts)), gap=False)
+        new.extend(r for _, _, r in timed)
+        return Advance(new, Cursor(first, dict(counts), kept), gap=False)
 
     at_cursor: Counter[str] = Counter()
-    new: list[Any] = []
     reaches_back = False
     # Oldest first, so that among identical rows the *older* ones count as seen.
-    for t, fp, r in reversed(timed):
+    for t, fp, r in timed:
         if t < cursor.newest:
             reaches_back = True
         elif t == cursor.newest:
@@ -455,7 +478,7 @@ def advance(
     # cursor's second may have cut rows of that second, and rows can be identical, so
     # counting cannot tell old from new there: say so rather than guess.
     gap = len(rows) >= window and not reaches_back
-    return Advance(new, Cursor(newest, seen), gap)
+    return Advance(new, Cursor(newest, seen, kept), gap)
 
 
 # -- change detection (balance, open-order) ---------------------------------------------

@@ -1,0 +1,103 @@
+"""Shared set-up for the Robicoin poller tests: simulator + config + runner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from connectors.robicoin.config import (
+    AccountShare,
+    AuthGuardSettings,
+    CredentialSettings,
+    RateLimitSettings,
+    RobicoinConfig,
+    RobicoinSettings,
+    SnapshotStream,
+    Streams,
+    StreamSettings,
+    TickerStream,
+    Topics,
+)
+from connectors.robicoin.plugin import PLUGIN
+from connectors.robicoin.simulator import (
+    DEFAULT_PRIVATE_KEY,
+    DEFAULT_PUBLIC_ID,
+    DEFAULT_PUBLIC_KEY,
+)
+from connectors.runtime.app import RuntimeSettings
+from connectors.runtime.config import Secret
+from connectors.runtime.kafka import KafkaSettings
+from tests.utils import ConnectorThread, unique
+
+CHANNEL_FIELDS = ("ticker", "order", "balance", "transaction", "open_order")
+
+
+def topics(prefix: str) -> Topics:
+    return Topics(
+        **{f: f"{prefix}.{f}" for f in CHANNEL_FIELDS},
+        dead_letter=f"{prefix}.dlq",
+        state=f"{prefix}.state",
+    )
+
+
+def streams(
+    interval_s: float = 0.3, windows: list[str] | None = None, enabled: set[str] | None = None
+) -> Streams:
+    """Streams in ``enabled`` (default: all) polled every ``interval_s``."""
+    on = {name: enabled is None or name in enabled for name in CHANNEL_FIELDS}
+    return Streams(
+        ticker=TickerStream(
+            enabled=on["ticker"], interval_s=interval_s, windows=windows or ["24h"]
+        ),
+        order=StreamSettings(enabled=on["order"], interval_s=interval_s),
+        balance=SnapshotStream(enabled=on["balance"], interval_s=interval_s),
+        transaction=StreamSettings(enabled=on["transaction"], interval_s=interval_s),
+        open_order=SnapshotStream(enabled=on["open_order"], interval_s=interval_s),
+    )
+
+
+def make_config(
+    base_url: str,
+    bootstrap: str,
+    *,
+    prefix: str | None = None,
+    public_key: str = DEFAULT_PUBLIC_KEY,
+    public_id: str = DEFAULT_PUBLIC_ID,
+    private_key: str = DEFAULT_PRIVATE_KEY,
+    guard_topic: str | None = None,
+    guard_limit: int = 2,
+    slots: int = 1,
+    **settings: Any,
+) -> RobicoinConfig:
+    prefix = prefix or unique()
+    base = RobicoinSettings(
+        base_url=base_url,
+        credentials=CredentialSettings(
+            public_key=Secret(public_key),
+            public_id=Secret(public_id),
+            private_key=Secret(private_key),
+        ),
+        streams=streams(),
+        topics=topics(prefix),
+        auth_guard=AuthGuardSettings(
+            limit=guard_limit, topic=guard_topic or f"{prefix}.guard", recheck_s=0.5
+        ),
+        rate_limit=RateLimitSettings(share=AccountShare(slots=slots, slot=0)),
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        transactional_id=f"{prefix}-poller",
+    )
+    return RobicoinConfig(
+        robicoin=replace(base, **settings),
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=10),
+    )
+
+
+def run(config: RobicoinConfig) -> ConnectorThread:
+    return ConnectorThread(PLUGIN, config)
+
+
+def canonical(row: Any) -> str:
+    return json.dumps(row, sort_keys=True, separators=(",", ":"))
