@@ -126,3 +126,55 @@ def test_cli_check_config_and_list(tmp_path: Path) -> None:
         [sys.executable, "-m", "connectors", "list"], capture_output=True, text=True, timeout=60
     )
     assert "cryptomus-ws" in listed.stdout
+
+
+ROBICOIN_EXAMPLE = EXAMPLE.parent / "robicoin-poller.yaml"
+
+
+def test_the_shipped_robicoin_example_is_valid() -> None:
+    from connectors.robicoin.config import RobicoinConfig
+
+    cfg = load(RobicoinConfig, ROBICOIN_EXAMPLE, environ={})
+    assert cfg.robicoin.rate_limit.share.slots == 2
+    assert cfg.robicoin.streams.ticker.windows == ["24h", "1min", "1hour"]
+    assert cfg.robicoin.credentials.private_key is None  # never in the file
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("robicoin:\n  timezone: Mars/Olympus\n", "unknown zone"),
+        ("robicoin:\n  streams: {ticker: {windows: [5min]}}\n", "ticker.windows"),
+        ("robicoin:\n  rate_limit: {ticker: {count: 12, window_s: 0.1}}\n", "10 per 100 ms"),
+        ("robicoin:\n  rate_limit: {other: {count: 1, window_s: 0.05}}\n", "1 per 100 ms"),
+        ("robicoin:\n  rate_limit: {share: {slots: 2, slot: 2}}\n", "slot must be"),
+        ("robicoin:\n  auth_guard: {limit: 9}\n", "between 1 and 5"),
+        ("robicoin:\n  streams: {balance: {emit: sometimes}}\n", "not one of"),
+        ("robicoin:\n  base_url: ftp://x\n", "http"),
+    ],
+)
+def test_robicoin_mistakes_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    from connectors.robicoin.config import RobicoinConfig
+    from connectors.robicoin.source import RobicoinPoller
+
+    with pytest.raises(ConfigError, match=message):
+        cfg = load(RobicoinConfig, write(tmp_path, text), environ={})
+        RobicoinPoller(cfg)
+
+
+def test_robicoin_private_streams_need_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connectors.robicoin.config import RobicoinConfig
+    from connectors.robicoin.source import RobicoinPoller
+
+    for name in ("ROBICOIN_PUBLIC_KEY", "ROBICOIN_PUBLIC_ID", "ROBICOIN_PRIVATE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load(RobicoinConfig, write(tmp_path, "robicoin: {}\n"), environ={})
+    with pytest.raises(ConfigError, match="ROBICOIN_PUBLIC_KEY"):
+        RobicoinPoller(cfg)
+    # A ticker-only poller needs none.
+    text = "robicoin:\n  streams: {order: {enabled: false}, balance: {enabled: false}, "
+    text += "transaction: {enabled: false}, open_order: {enabled: false}}\n"
+    poller = RobicoinPoller(load(RobicoinConfig, write(tmp_path, text), environ={}))
+    assert poller.guard_spec() is None

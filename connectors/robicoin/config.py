@@ -78,6 +78,13 @@ class AccountShare:
     slots: int = 2
     slot: int = 0
 
+    def validate(self) -> None:
+        if self.slots < 1 or not 0 <= self.slot < self.slots:
+            raise ConfigError(
+                f"robicoin.rate_limit.share: slot must be in 0..{self.slots - 1} "
+                f"(got slot {self.slot} of {self.slots})"
+            )
+
 
 @dataclass(frozen=True)
 class RateLimitSettings:

@@ -238,6 +238,8 @@ class RobicoinPoller:
                 log.error("state record %r is unreadable; starting that stream afresh", key)
         self._epoch = int(self._state.get("epoch", 0) or 0)
         if not self._epoch:
+            # The first epoch is written with the first commit and kept across restarts:
+            # a restart is seamless (cursors), only a gap starts a new epoch.
             self._epoch = int(self._clock() * 1000)
         spec = self.guard_spec()
         if spec is not None:
@@ -270,9 +272,11 @@ class RobicoinPoller:
 
     async def _commit(self, out: Sequence[OutRecord], state: Mapping[str, Any]) -> None:
         """Records and state in one transaction; memory follows only after the commit."""
-        batch = list(out) + [self._state_record(k, v) for k, v in state.items()]
-        if not batch:
+        if not out and not state:
             return
+        if self._state.get("epoch") != self._epoch:
+            state = {**state, "epoch": self._epoch}
+        batch = list(out) + [self._state_record(k, v) for k, v in state.items()]
         await asyncio.to_thread(self.ctx.transactions.commit, batch)
         self._state.update(state)
 

@@ -61,7 +61,7 @@ class TopicCounter(threading.Thread):
 
 
 def _line(elapsed: float, counts: dict[str, int]) -> str:
-    shown = "  ".join(f"{t.split('.', 1)[-1]}={n}" for t, n in counts.items() if n)
+    shown = "  ".join(f"{t}={n}" for t, n in counts.items() if n)
     return f"[{elapsed:5.1f}s] {sum(counts.values()):>7} records  {shown}"
 
 
