@@ -101,3 +101,105 @@ def run(config: RobicoinConfig) -> ConnectorThread:
 
 def canonical(row: Any) -> str:
     return json.dumps(row, sort_keys=True, separators=(",", ":"))
+
+
+# -- order sink --------------------------------------------------------------------------
+
+
+def sink_config(
+    base_url: str,
+    bootstrap: str,
+    *,
+    prefix: str | None = None,
+    slots: int = 1,
+    **settings: Any,
+) -> Any:
+    from connectors.robicoin.sink_config import (
+        ConsumerSettings,
+        OrderSinkConfig,
+        OrderSinkSettings,
+        RiskSettings,
+        SinkTopics,
+    )
+
+    prefix = prefix or unique()
+    base = OrderSinkSettings(
+        base_url=base_url,
+        credentials=CredentialSettings(
+            public_key=Secret(DEFAULT_PUBLIC_KEY),
+            public_id=Secret(DEFAULT_PUBLIC_ID),
+            private_key=Secret(DEFAULT_PRIVATE_KEY),
+        ),
+        topics=SinkTopics(
+            commands=f"{prefix}.commands",
+            results=f"{prefix}.results",
+            ledger=f"{prefix}.ledger",
+            dead_letter=f"{prefix}.dlq",
+            control=f"{prefix}.control",
+        ),
+        consumer=ConsumerSettings(
+            group_id=f"{prefix}-orders",
+            max_poll_interval_ms=3000,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=1000,
+        ),
+        auth_guard=AuthGuardSettings(topic=f"{prefix}.guard", recheck_s=0.5),
+        rate_limit=RateLimitSettings(share=AccountShare(slots=slots, slot=0)),
+        pairs=["btc-try", "eth-try", "ltc-try", "usdt-try"],
+        # Tests send bursts; the per-minute risk limit has its own test.
+        risk=RiskSettings(max_orders_per_minute=0),
+        reconcile_settle_s=0.2,
+        request_timeout_s=2.0,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        transactional_id=f"{prefix}-orders",
+    )
+    return OrderSinkConfig(
+        robicoin=replace(base, **settings),
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=10),
+    )
+
+
+def run_sink(config: Any) -> ConnectorThread:
+    from connectors.robicoin.plugin import ORDERS_PLUGIN
+
+    return ConnectorThread(ORDERS_PLUGIN, config)
+
+
+def create_command(command_id: str, amount: str, *, now_ms: int, **extra: Any) -> dict[str, Any]:
+    cmd: dict[str, Any] = {
+        "command_id": command_id,
+        "action": "create",
+        "pair": "btc-try",
+        "side": "sell",
+        "amount": amount,
+        "price": "2500000.00",
+        "created_at": now_ms,
+    }
+    cmd.update(extra)
+    return cmd
+
+
+class CommandProducer:
+    """Writes commands (dicts as JSON, or raw bytes) to the commands topic."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+
+    def send(self, command: dict[str, Any] | bytes, key: bytes | None = None) -> Any:
+        value = command if isinstance(command, bytes) else json.dumps(command).encode()
+        if key is None and isinstance(command, dict) and isinstance(command.get("pair"), str):
+            key = command["pair"].encode()
+        return self._producer.send(self.topic, value=value, key=key).get(timeout=30)
+
+    def control(self, topic: str, **change: Any) -> None:
+        self._producer.send(topic, value=json.dumps(change).encode(), key=b"control").get(
+            timeout=30
+        )
+
+    def close(self) -> None:
+        self._producer.close(timeout=5)

@@ -47,6 +47,10 @@ class RequestFailed(RetriableError):
         self.rate_limited = rate_limited
 
 
+class NotFoundError(RejectedError):
+    """404/405: a wrong base URL for polls; "already gone" for delete-order."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     public_key: str
@@ -116,8 +120,9 @@ class RobicoinClient:
 
         Raises :class:`RequestFailed` (retriable), :class:`AuthError` (stop calling
         with these credentials), :class:`RejectedError` (a definite no for this
-        request) or :class:`FatalError` (wrong base URL). A 2xx answer that is not
-        JSON comes back with ``error`` set.
+        request; :class:`NotFoundError` for 404/405) or :class:`FatalError` (signed
+        request without credentials). A 2xx answer that is not JSON comes back with
+        ``error`` set.
         """
         url = f"{self.base_url}/{endpoint.path}"
         started = time.monotonic()
@@ -167,7 +172,7 @@ class RobicoinClient:
         if outcome is Outcome.UNAUTHORIZED:
             raise AuthError(f"{endpoint.name}: HTTP {status} {message}")
         if outcome is Outcome.NOT_FOUND:
-            raise FatalError(f"{endpoint.name}: HTTP {status} at {url}: check the base URL")
+            raise NotFoundError(status, message)
         if outcome is Outcome.REJECTED:
             raise RejectedError(status, message)
         try:

@@ -153,7 +153,9 @@ class Topics:
 
 
 @dataclass(frozen=True)
-class RobicoinSettings:
+class AccountSettings:
+    """What every Robicoin connector needs to call the exchange for one account."""
+
     base_url: str = "https://www.robicoin.com/api/v1"
     #: Zone of the exchange's zone-less ``created_at``/``updated_at`` text.
     timezone: str = "Europe/Istanbul"
@@ -164,9 +166,7 @@ class RobicoinSettings:
     backoff_max_s: float = 30.0
     rate_limit: RateLimitSettings = field(default_factory=RateLimitSettings)
     auth_guard: AuthGuardSettings = field(default_factory=AuthGuardSettings)
-    streams: Streams = field(default_factory=Streams)
-    topics: Topics = field(default_factory=Topics)
-    #: Kafka transactional id; one per account. Default: robicoin-poller-<fingerprint>.
+    #: Kafka transactional id; one per account. Default: <connector>-<fingerprint>.
     transactional_id: str | None = None
 
     def validate(self) -> None:
@@ -176,22 +176,33 @@ class RobicoinSettings:
             raise ConfigError(f"robicoin.timezone: unknown zone {self.timezone!r}") from None
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError("robicoin.base_url must be an http(s) URL")
-        bad = [w for w in self.streams.ticker.windows if w not in TICKER_WINDOWS]
-        if bad or (self.streams.ticker.enabled and not self.streams.ticker.windows):
-            raise ConfigError(
-                f"robicoin.streams.ticker.windows: choose from {', '.join(TICKER_WINDOWS)}"
-            )
-        for name in ("ticker", "order", "balance", "transaction", "open_order"):
-            if getattr(self.streams, name).interval_s < 0:
-                raise ConfigError(f"robicoin.streams.{name}.interval_s must be >= 0")
-        if not any(getattr(self.streams, n).enabled for n in self.stream_names()):
-            raise ConfigError("robicoin.streams: enable at least one stream")
         if self.rate_limit.ticker.count > 10 or self.rate_limit.ticker.window_s < 0.1:
             raise ConfigError("robicoin.rate_limit.ticker: the exchange allows 10 per 100 ms")
         if self.rate_limit.other.count > 1 or self.rate_limit.other.window_s < 0.1:
             raise ConfigError("robicoin.rate_limit.other: the exchange allows 1 per 100 ms")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError("robicoin.backoff_*: need 0 < initial <= max")
+
+
+@dataclass(frozen=True)
+class RobicoinSettings(AccountSettings):
+    """The poller's ``robicoin:`` section."""
+
+    streams: Streams = field(default_factory=Streams)
+    topics: Topics = field(default_factory=Topics)
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [w for w in self.streams.ticker.windows if w not in TICKER_WINDOWS]
+        if bad or (self.streams.ticker.enabled and not self.streams.ticker.windows):
+            raise ConfigError(
+                f"robicoin.streams.ticker.windows: choose from {', '.join(TICKER_WINDOWS)}"
+            )
+        for name in self.stream_names():
+            if getattr(self.streams, name).interval_s < 0:
+                raise ConfigError(f"robicoin.streams.{name}.interval_s must be >= 0")
+        if not any(getattr(self.streams, n).enabled for n in self.stream_names()):
+            raise ConfigError("robicoin.streams: enable at least one stream")
 
     @staticmethod
     def stream_names() -> tuple[str, ...]:

@@ -59,7 +59,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Context, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
@@ -952,7 +952,8 @@ class RobicoinSimulator:
         amount = Decimal(fields["amount"]) if error is None else Decimal(1)
         if error is None and side == "buy":
             # A buy's amount is the TRY to spend; the order shows the coin it buys.
-            amount = (amount / price).quantize(_Q8, rounding=ROUND_DOWN)
+            exact = Context(prec=100, rounding=ROUND_DOWN)
+            amount = exact.divide(amount, price).quantize(_Q8, rounding=ROUND_DOWN, context=exact)
             if amount <= 0:
                 error = "amount too small for this price"
         if error is not None:

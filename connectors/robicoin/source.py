@@ -25,7 +25,13 @@ from zoneinfo import ZoneInfo
 import requests
 
 from connectors.robicoin import protocol
-from connectors.robicoin.client import Answer, Credentials, RequestFailed, RobicoinClient
+from connectors.robicoin.client import (
+    Answer,
+    Credentials,
+    NotFoundError,
+    RequestFailed,
+    RobicoinClient,
+)
 from connectors.robicoin.config import RobicoinConfig, credential_fingerprint
 from connectors.robicoin.protocol import EXCHANGE, Cursor, Endpoint, Row
 from connectors.runtime import records
@@ -36,6 +42,7 @@ from connectors.runtime.errors import (
     AuthError,
     BadMessage,
     ConfigError,
+    FatalError,
     RejectedError,
     RetriableError,
 )
@@ -387,6 +394,11 @@ class RobicoinPoller:
                 delay = backoff.next_delay()
                 log.warning("%s: %s; retrying in %.1fs", stream.name, exc, delay)
                 started = loop.time()
+            except NotFoundError as exc:
+                raise FatalError(
+                    f"{stream.name}: HTTP {exc.status} at {self.settings.base_url}: "
+                    "check robicoin.base_url"
+                ) from None
             except RejectedError as exc:
                 log.error("%s: the exchange refused the request: %s", stream.name, exc)
                 self.ctx.metrics.exchange_errors.labels(self.ctx.name, str(exc.status)).inc()

@@ -154,6 +154,53 @@ class Metrics:
             registry=r,
         )
 
+        self.commands = Counter(
+            "connector_commands_total",
+            "Commands consumed by a sink, by action and final outcome (accepted, rejected, "
+            "failed, expired, duplicate, unknown).",
+            ["connector", "action", "outcome"],
+            registry=r,
+        )
+        self.command_latency = Histogram(
+            "connector_command_latency_seconds",
+            "From a command's created_at to its result being committed.",
+            ["connector", "action"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.commands_in_flight = Gauge(
+            "connector_commands_in_flight",
+            "Commands written to the ledger as pending and not decided yet.",
+            ["connector"],
+            registry=r,
+        )
+        self.reconciliations = Counter(
+            "connector_reconciliations_total",
+            "Ambiguous exchange calls settled by reading the exchange's state, by outcome "
+            "(found, not_found, undecided).",
+            ["connector", "outcome"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "connector_consumer_lag",
+            "Records in a consumed partition not yet done: high-water mark minus the "
+            "committed offset.",
+            ["connector", "topic", "partition"],
+            registry=r,
+        )
+        self.trading_enabled = Gauge(
+            "connector_trading_enabled",
+            "1 while the sink may place new orders (the kill switch is off).",
+            ["connector"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "connector_paused",
+            "1 while an operator has paused the sink (commands wait in Kafka).",
+            ["connector"],
+            registry=r,
+        )
+
     def track_last_message(self, connector: str, last: Callable[[], float | None]) -> None:
         """Export ``now - last()`` at scrape time (``+Inf`` before the first message)."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,7 @@ class RateLimiter:
         self._slot_index = -1
         self._slot_used = 0
         self._lock = asyncio.Lock()
+        self._thread_lock = threading.Lock()
 
     @property
     def requests_per_second(self) -> float:
@@ -132,6 +134,23 @@ class RateLimiter:
                 pause += 0.0005
                 waited += pause
                 await self._sleep(pause)
+        if waited > 0.0 and self._on_wait is not None:
+            self._on_wait(waited)
+        return waited
+
+    def acquire_blocking(self, sleep: Callable[[float], None] = time.sleep) -> float:
+        """:meth:`acquire` for code that runs in a worker thread."""
+        waited = 0.0
+        with self._thread_lock:
+            while True:
+                now = self._clock()
+                pause = self.delay(now)
+                if pause <= 0.0:
+                    self._record(now)
+                    break
+                pause += 0.0005
+                waited += pause
+                sleep(pause)
         if waited > 0.0 and self._on_wait is not None:
             self._on_wait(waited)
         return waited

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -32,6 +32,7 @@ from kafka.errors import (
     ProducerFencedError,
     TransactionalIdAuthorizationFailedError,
 )
+from kafka.structs import OffsetAndMetadata
 
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.kafka import KafkaSettings, OutRecord
@@ -153,16 +154,30 @@ class Transactions:
             raise RetriableError(f"cannot initialise transactions: {exc}") from exc
         self._producer = producer
 
-    def commit(self, records: Sequence[OutRecord]) -> None:
+    def commit(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int] | None = None,
+        consumer: Any = None,
+    ) -> None:
         """Write ``records`` in one transaction; on return all are committed.
+
+        ``offsets`` (next offset to read, per partition) are committed for
+        ``consumer``'s group in the same transaction: a consumed record counts as
+        done exactly when what it produced is visible.
 
         Raises :class:`FatalError` when another instance took over the transactional
         id (two writers for one account), :class:`RetriableError` otherwise.
         """
         with self._lock:
-            self._commit(records)
+            self._commit(records, offsets, consumer)
 
-    def _commit(self, records: Sequence[OutRecord]) -> None:
+    def _commit(
+        self,
+        records: Sequence[OutRecord],
+        offsets: Mapping[TopicPartition, int] | None,
+        consumer: Any,
+    ) -> None:
         try:
             self.start()
         except RetriableError:
@@ -182,6 +197,11 @@ class Transactions:
                 )
                 for r in records
             ]
+            if offsets:
+                producer.send_offsets_to_transaction(
+                    {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                    consumer.group_metadata(),
+                )
             producer.commit_transaction()
             for future in futures:
                 # Already resolved by the commit; raises if a record was refused.

@@ -18,6 +18,8 @@ SCHEMA_CHANNELS: tuple[str, ...] = (
     "balance",
     "transaction",
     "open-order",
+    "order-command",
+    "order-result",
 )
 
 
