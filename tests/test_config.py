@@ -178,3 +178,38 @@ def test_robicoin_private_streams_need_credentials(
     text += "transaction: {enabled: false}, open_order: {enabled: false}}\n"
     poller = RobicoinPoller(load(RobicoinConfig, write(tmp_path, text), environ={}))
     assert poller.guard_spec() is None
+
+
+def test_the_shipped_order_sink_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors.robicoin.sink import RobicoinOrderSink
+    from connectors.robicoin.sink_config import OrderSinkConfig
+
+    cfg = load(OrderSinkConfig, EXAMPLE.parent / "robicoin-orders.yaml", environ={})
+    assert cfg.robicoin.rate_limit.share.slot == 1  # the poller's example takes slot 0
+    assert cfg.robicoin.command_auth.required
+    for name, value in (
+        ("ROBICOIN_PUBLIC_KEY", "k"),
+        ("ROBICOIN_PUBLIC_ID", "1"),
+        ("ROBICOIN_PRIVATE_KEY", "p"),
+        ("ROBICOIN_COMMAND_HMAC_SECRET", "s"),
+    ):
+        monkeypatch.setenv(name, value)
+    sink = RobicoinOrderSink(cfg)
+    assert sink.policy.require_signature
+    assert sink.guard_spec().topic == "robicoin.auth-guard"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("robicoin:\n  risk: {max_notional: lots}\n", "not a decimal"),
+        ("robicoin:\n  risk: {max_amount: {btc-try: '-1'}}\n", "positive"),
+        ("robicoin:\n  pairs: []\n", "list the pairs"),
+        ("robicoin:\n  max_send_attempts: 0\n", "at least 1"),
+    ],
+)
+def test_order_sink_mistakes_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    from connectors.robicoin.sink_config import OrderSinkConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load(OrderSinkConfig, write(tmp_path, text), environ={})

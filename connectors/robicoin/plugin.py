@@ -103,7 +103,11 @@ def _demo_sink(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
         DEFAULT_PUBLIC_KEY,
         SimulatorThread,
     )
-    from connectors.robicoin.sink_config import OrderSinkConfig, OrderSinkSettings
+    from connectors.robicoin.sink_config import (
+        ConsumerSettings,
+        OrderSinkConfig,
+        OrderSinkSettings,
+    )
 
     sim = stack.enter_context(SimulatorThread(transactions_per_second=0.5))
     config = OrderSinkConfig(
@@ -115,6 +119,8 @@ def _demo_sink(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
                 private_key=Secret(DEFAULT_PRIVATE_KEY),
             ),
             reconcile_settle_s=0.2,
+            # Some embedded brokers hold a group join for about this long.
+            consumer=ConsumerSettings(max_poll_interval_ms=6000, session_timeout_ms=6000),
         ),
         kafka=KafkaSettings(bootstrap_servers=bootstrap),
         runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0),
