@@ -187,13 +187,15 @@ def test_duplicates_dead_letters_signatures_and_risk(kafka_bootstrap: str) -> No
             with run_sink(cfg):
                 ok = signed(create_command("ok", "0.1", now_ms=now_ms()))
                 producer.send(ok)
+                # Same id, malformed: refused, and it must not disturb the ledger entry.
+                producer.send(signed({**create_command("ok", "0.1", now_ms=now_ms()), "price": 7}))
                 producer.send(ok)  # replayed: must not place a second order
                 producer.send(create_command("unsigned", "0.2", now_ms=now_ms()))
                 forged = {**signed(create_command("forged", "0.3", now_ms=now_ms())), "amount": "3"}
                 producer.send(forged)
                 producer.send(signed(create_command("big", "1", now_ms=now_ms())))  # 2.5M TRY
                 meta = producer.send(b"\xff\xfe not json", key=b"btc-try")
-                results = results_of(kafka_bootstrap, t.results, 5)
+                results = results_of(kafka_bootstrap, t.results, 6)
                 dead = read_topic(
                     kafka_bootstrap,
                     t.dead_letter,
@@ -206,6 +208,7 @@ def test_duplicates_dead_letters_signatures_and_risk(kafka_bootstrap: str) -> No
         created = orders_by_amount(sim)
     outcomes = [(r["command_id"], r["outcome"], r["reason"]) for r in results]
     assert ("ok", "accepted", None) in outcomes
+    assert ("ok", "rejected", "number_not_string") in outcomes
     assert ("ok", "duplicate", "already_accepted") in outcomes
     assert ("unsigned", "rejected", "unsigned") in outcomes
     assert ("forged", "rejected", "bad_signature") in outcomes

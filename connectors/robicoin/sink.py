@@ -405,8 +405,13 @@ class RobicoinOrderSink:
             return
         except cmds.Rejected as exc:
             out = Outcome("rejected", exc.reason, exc.detail)
-            # An unsigned or forged command must not claim a command id.
-            claim = exc.command_id is not None and exc.reason not in ("unsigned", "bad_signature")
+            # An unsigned or forged command must not claim a command id, and a bad
+            # command must not overwrite the ledger entry of a real one with its id.
+            claim = (
+                exc.command_id is not None
+                and exc.reason not in ("unsigned", "bad_signature")
+                and exc.command_id not in self._ledger
+            )
             self._finish(
                 None, exc.command_id or "", out, received_ms, source, offsets, consumer, claim
             )
