@@ -16,8 +16,8 @@ from connectors.cryptomus import protocol
 from connectors.cryptomus.protocol import CHANNELS
 from connectors.cryptomus.schemas import load_schema
 from connectors.cryptomus.simulator import SimulatorThread
-from tests.cryptomus_helpers import make_config, metric_value, run
-from tests.utils import T, read_topic, wait_until
+from tests.cryptomus_helpers import make_config, run
+from tests.utils import T, metric_value, read_topic, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,7 @@ import yaml
 
 from connectors.cryptomus.simulator import SimulatorThread
 from connectors.runtime.broker import free_port
-from tests.cryptomus_helpers import metric_value
-from tests.utils import T, read_topic, unique, wait_until
+from tests.utils import T, metric_value, read_topic, ready, start_connector, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -55,21 +52,9 @@ def write_config(
 
 
 def start(path: Path, user: str = USER, key: str = KEY) -> subprocess.Popen[str]:
-    env = dict(os.environ, CRYPTOMUS_USER_ID=user, CRYPTOMUS_API_KEY=key, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "connectors", "run", "cryptomus-ws", "--config", str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    return start_connector(
+        "cryptomus-ws", path, {"CRYPTOMUS_USER_ID": user, "CRYPTOMUS_API_KEY": key}
     )
-
-
-def ready(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def test_sigterm_flushes_buffered_records_and_exits_0(tmp_path: Path, kafka_bootstrap: str) -> None:

@@ -16,9 +16,8 @@ import requests
 from connectors.robicoin.protocol import TICKER_WINDOWS
 from connectors.robicoin.schemas import load_schema
 from connectors.robicoin.simulator import SimulatorThread
-from tests.cryptomus_helpers import metric_value
 from tests.robicoin_helpers import canonical, make_config, run, streams
-from tests.utils import T, read_topic, values, wait_until
+from tests.utils import T, metric_value, read_topic, values, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,8 @@ import yaml
 
 from connectors.cli import main as cli_main
 from connectors.robicoin.simulator import DEFAULT_PUBLIC_KEY, SimulatorThread
-from tests.cryptomus_helpers import metric_value
 from tests.robicoin_helpers import make_config, run, streams
-from tests.utils import T, unique, wait_until
+from tests.utils import T, metric_value, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 

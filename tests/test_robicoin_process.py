@@ -4,26 +4,23 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from connectors.robicoin.simulator import SimulatorThread
 from connectors.runtime.broker import free_port
 from tests.robicoin_helpers import canonical
 from tests.test_robicoin_e2e import as_exchange_row
-from tests.utils import T, read_topic, unique, wait_until
+from tests.utils import T, read_topic, ready, start_connector, unique, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -64,27 +61,12 @@ def write_config(path: Path, base_url: str, bootstrap: str, port: int) -> dict[s
 
 
 def start(path: Path) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        ROBICOIN_PUBLIC_KEY=PUBLIC_KEY,
-        ROBICOIN_PUBLIC_ID=PUBLIC_ID,
-        ROBICOIN_PRIVATE_KEY=PRIVATE_KEY,
-        PYTHONUNBUFFERED="1",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "connectors", "run", "robicoin-poller", "--config", str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def ready(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
+    env = {
+        "ROBICOIN_PUBLIC_KEY": PUBLIC_KEY,
+        "ROBICOIN_PUBLIC_ID": PUBLIC_ID,
+        "ROBICOIN_PRIVATE_KEY": PRIVATE_KEY,
+    }
+    return start_connector("robicoin-poller", path, env)
 
 
 def test_ten_kill_minus_nine_leave_every_transaction_exactly_once(

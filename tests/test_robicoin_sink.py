@@ -20,14 +20,13 @@ from connectors.robicoin.schemas import load_schema
 from connectors.robicoin.simulator import SimulatorThread
 from connectors.robicoin.sink_config import CommandAuth, RiskSettings
 from connectors.runtime.config import Secret
-from tests.cryptomus_helpers import metric_value
 from tests.robicoin_helpers import (
     CommandProducer,
     create_command,
     run_sink,
     sink_config,
 )
-from tests.utils import T, read_topic, values, wait_until
+from tests.utils import T, metric_value, read_topic, values, wait_until
 
 pytestmark = pytest.mark.e2e
 

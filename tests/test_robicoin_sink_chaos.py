@@ -4,18 +4,15 @@ with exactly one result, and the exchange must hold each accepted order exactly 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import yaml
 
 from connectors.robicoin.simulator import (
@@ -26,7 +23,7 @@ from connectors.robicoin.simulator import (
 )
 from connectors.runtime.broker import free_port
 from tests.robicoin_helpers import CommandProducer, create_command
-from tests.utils import T, read_topic, unique, values, wait_until
+from tests.utils import T, read_topic, ready, start_connector, unique, values, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -70,27 +67,12 @@ def write_config(path: Path, base_url: str, bootstrap: str, port: int) -> dict[s
 
 
 def start(path: Path) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        ROBICOIN_PUBLIC_KEY=DEFAULT_PUBLIC_KEY,
-        ROBICOIN_PUBLIC_ID=DEFAULT_PUBLIC_ID,
-        ROBICOIN_PRIVATE_KEY=DEFAULT_PRIVATE_KEY,
-        PYTHONUNBUFFERED="1",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "connectors", "run", "robicoin-orders", "--config", str(path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def ready(port: int) -> bool:
-    try:
-        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
+    env = {
+        "ROBICOIN_PUBLIC_KEY": DEFAULT_PUBLIC_KEY,
+        "ROBICOIN_PUBLIC_ID": DEFAULT_PUBLIC_ID,
+        "ROBICOIN_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
+    }
+    return start_connector("robicoin-orders", path, env, capture=False)
 
 
 def creates(sim: SimulatorThread) -> int:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import requests
 from kafka import KafkaConsumer, TopicPartition
 
 from connectors.runtime.app import RunResult, run_connector
@@ -141,3 +145,40 @@ def read_topic(
 
 def values(recs: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in recs]
+
+
+def start_connector(
+    connector: str, config: str | os.PathLike[str], env: dict[str, str], capture: bool = True
+) -> subprocess.Popen[str]:
+    """``exchange-connectors run`` as a real process (stdout+stderr piped when ``capture``)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "connectors", "run", connector, "--config", os.fspath(config)],
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+        stdout=out,
+        stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def ready(port: int) -> bool:
+    """``/readyz`` answers 200 on ``port``."""
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples (Prometheus text) whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^(\w+)(\{([^}]*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total

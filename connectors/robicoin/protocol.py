@@ -60,6 +60,11 @@ class Endpoint:
     def signed(self) -> bool:
         return self.method == "POST"
 
+    @property
+    def family(self) -> str:
+        """The name without the ticker window: a small, fixed metric label."""
+        return self.name.split(":", 1)[0]
+
 
 def ticker_endpoint(window: str) -> Endpoint:
     if window not in TICKER_WINDOWS:

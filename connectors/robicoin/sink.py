@@ -50,7 +50,14 @@ from connectors.robicoin.config import credential_fingerprint
 from connectors.robicoin.sink_config import OrderSinkConfig
 from connectors.runtime import records
 from connectors.runtime.app import RuntimeContext
-from connectors.runtime.authguard import AuthGuard, GuardSpec, entry_for
+from connectors.runtime.authguard import (
+    AuthGuard,
+    GuardSpec,
+    entry_for,
+    publish,
+    reopen_if_reset,
+    report_blocked,
+)
 from connectors.runtime.backoff import Backoff
 from connectors.runtime.errors import (
     AuthError,
@@ -213,27 +220,20 @@ class RobicoinOrderSink:
             clock=self._clock,
             on_answer=self._on_answer,
         )
-        waits = m.rate_limit_waits.labels(self.ctx.name, "other")
-        wait_s = m.rate_limit_wait_seconds.labels(self.ctx.name, "other")
-
-        def on_wait(seconds: float) -> None:
-            waits.inc()
-            wait_s.observe(seconds)
-
         self.limiter = RateLimiter(
             RateLimit(s.rate_limit.other.count, s.rate_limit.other.window_s),
             margin=s.rate_limit.margin,
             share=Share(s.rate_limit.share.slots, s.rate_limit.share.slot),
-            on_wait=on_wait,
+            on_wait=m.rate_limit_observer(self.ctx.name, "other"),
             clock=self._clock,
         )
         self._load_ledger()
         spec = self.guard_spec()
         entry = entry_for(read_state(self.ctx.kafka, spec.topic), spec)
         self._guard = AuthGuard(spec, entry, self.ctx.transactions.commit, self._now_ms)
-        m.auth_guard_failures.labels(self.ctx.name).set(entry.failures)
+        publish(self._guard, m, self.ctx.name)
         if self._guard.blocked:
-            self._report_blocked()
+            report_blocked(self._guard, m, self.ctx.name, "Commands wait in Kafka.")
         control = ControlReader(self.ctx, s.topics.control)
         consumer = self._consumer()
         try:
@@ -499,8 +499,7 @@ class RobicoinOrderSink:
     # -- exchange calls --------------------------------------------------------------
 
     def _on_answer(self, endpoint: protocol.Endpoint, outcome: str, elapsed: float) -> None:
-        self.ctx.metrics.requests.labels(self.ctx.name, endpoint.name, outcome).inc()
-        self.ctx.metrics.request_latency.labels(self.ctx.name, endpoint.name).observe(elapsed)
+        self.ctx.metrics.observe_request(self.ctx.name, endpoint.family, outcome, elapsed)
 
     def _signed(self, endpoint: protocol.Endpoint, fields: Mapping[str, str] | None) -> Answer:
         """One signed call through the auth guard and the rate limiter."""
@@ -508,24 +507,18 @@ class RobicoinOrderSink:
         assert guard is not None
         if self._stop.is_set():
             raise _Stopping
-        first = not guard.verified
         guard.before_request()  # raises AuthError when the guard refuses
         self.limiter.acquire_blocking()
         try:
             answer = self.client.call(endpoint, fields)
-        except AuthError as exc:
-            self.ctx.metrics.auth_failures.labels(self.ctx.name).inc()
-            guard.unauthorized(str(exc))
-            self._report_blocked()
+        except (AuthError, RequestFailed, RejectedError) as exc:
+            guard.settle(exc)
+            if isinstance(exc, AuthError):
+                self.ctx.metrics.auth_failures.labels(self.ctx.name).inc()
+                report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
             raise
-        except (RequestFailed, RejectedError):
-            if first:
-                # A 4xx on create-order (bad amount) also proves the key was accepted.
-                guard.inconclusive()
-            raise
-        if first:
-            guard.succeeded()
-            self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(0)
+        guard.settle(None)
+        publish(guard, self.ctx.metrics, self.ctx.name)
         return answer
 
     def _create(self, cmd: cmds.CreateOrder, pending_at: int) -> Outcome:
@@ -846,22 +839,6 @@ class RobicoinOrderSink:
 
     # -- guard -----------------------------------------------------------------------
 
-    def _report_blocked(self) -> None:
-        assert self._guard is not None
-        e = self._guard.entry
-        self.ctx.metrics.auth_guard_tripped.labels(self.ctx.name).set(1)
-        self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(e.failures)
-        log.error(
-            "%s: not calling the exchange: %d authentication failure(s) recorded for "
-            "credentials %s (limit %d). Commands wait in Kafka. Fix the credentials, or "
-            "reset with 'exchange-connectors auth-guard reset %s --config FILE'.",
-            self.ctx.name,
-            e.failures,
-            self._guard.spec.fingerprint,
-            self._guard.spec.limit,
-            NAME,
-        )
-
     _last_guard_check = 0.0
 
     def _check_guard_reset(self) -> None:
@@ -875,10 +852,7 @@ class RobicoinOrderSink:
         except RetriableError as exc:
             log.warning("cannot re-read the auth guard: %s", exc)
             return
-        if self._guard.try_reopen(entry_for(state, self._guard.spec)):
-            log.warning("%s: auth guard reset by an operator; calling again", self.ctx.name)
-            self.ctx.metrics.auth_guard_tripped.labels(self.ctx.name).set(0)
-            self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(0)
+        reopen_if_reset(self._guard, state, self.ctx.metrics, self.ctx.name)
 
 
 def create(config: OrderSinkConfig) -> RobicoinOrderSink:

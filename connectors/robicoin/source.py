@@ -36,7 +36,14 @@ from connectors.robicoin.config import RobicoinConfig, credential_fingerprint
 from connectors.robicoin.protocol import EXCHANGE, Cursor, Endpoint, Row
 from connectors.runtime import records
 from connectors.runtime.app import RuntimeContext
-from connectors.runtime.authguard import AuthGuard, GuardSpec, entry_for
+from connectors.runtime.authguard import (
+    AuthGuard,
+    GuardSpec,
+    entry_for,
+    publish,
+    reopen_if_reset,
+    report_blocked,
+)
 from connectors.runtime.backoff import Backoff
 from connectors.runtime.errors import (
     AuthError,
@@ -162,13 +169,13 @@ class RobicoinPoller:
             protocol.EndpointClass.TICKER: RateLimiter(
                 RateLimit(s.rate_limit.ticker.count, s.rate_limit.ticker.window_s),
                 margin=margin,
-                on_wait=self._on_wait("ticker"),
+                on_wait=m.rate_limit_observer(ctx.name, "ticker"),
             ),
             protocol.EndpointClass.OTHER: RateLimiter(
                 RateLimit(s.rate_limit.other.count, s.rate_limit.other.window_s),
                 margin=margin,
                 share=Share(s.rate_limit.share.slots, s.rate_limit.share.slot),
-                on_wait=self._on_wait("other"),
+                on_wait=m.rate_limit_observer(ctx.name, "other"),
             ),
         }
         self.client = RobicoinClient(
@@ -186,7 +193,7 @@ class RobicoinPoller:
         if self._guard is not None:
             ctx.health.add_check("auth", lambda: not self._guard_blocked())
             if self._guard.blocked:
-                self._report_blocked()
+                report_blocked(self._guard, ctx.metrics, ctx.name)
         log.info(
             "%s: polling %s (transactional id %s)",
             ctx.name,
@@ -208,20 +215,8 @@ class RobicoinPoller:
             await asyncio.gather(*tasks, stop, return_exceptions=True)
             self.client.close()
 
-    def _on_wait(self, klass: str) -> Callable[[float], None]:
-        waits = self.ctx.metrics.rate_limit_waits.labels(self.ctx.name, klass)
-        seconds = self.ctx.metrics.rate_limit_wait_seconds.labels(self.ctx.name, klass)
-
-        def record(waited: float) -> None:
-            waits.inc()
-            seconds.observe(waited)
-
-        return record
-
     def _on_answer(self, endpoint: Endpoint, outcome: str, elapsed: float) -> None:
-        name = endpoint.name.split(":")[0]
-        self.ctx.metrics.requests.labels(self.ctx.name, name, outcome).inc()
-        self.ctx.metrics.request_latency.labels(self.ctx.name, name).observe(elapsed)
+        self.ctx.metrics.observe_request(self.ctx.name, endpoint.family, outcome, elapsed)
 
     def _exchange_fresh(self) -> bool:
         if self._last_ok is None:
@@ -257,7 +252,7 @@ class RobicoinPoller:
             else:
                 # Keep this process's verdict; adopt what Kafka holds.
                 self._guard.entry = entry
-            self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(entry.failures)
+            publish(self._guard, self.ctx.metrics, self.ctx.name)
 
     async def _reload_state(self) -> None:
         async with self._reload_lock:
@@ -292,41 +287,19 @@ class RobicoinPoller:
     def _guard_blocked(self) -> bool:
         return self._guard is not None and self._guard.blocked
 
-    def _report_blocked(self) -> None:
-        assert self._guard is not None
-        e = self._guard.entry
-        self.ctx.metrics.auth_guard_tripped.labels(self.ctx.name).set(1)
-        self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(e.failures)
-        log.error(
-            "%s: not calling the exchange: %d authentication failure(s) recorded for "
-            "credentials %s (limit %d; last: %s). Fix the credentials, or reset with "
-            "'exchange-connectors auth-guard reset --connector %s --config FILE'.",
-            self.ctx.name,
-            e.failures,
-            self._guard.spec.fingerprint,
-            self._guard.spec.limit,
-            e.detail or "-",
-            NAME,
-        )
-
     async def _watch_guard(self) -> None:
         """While the guard refuses, look for an operator reset in Kafka."""
         assert self._guard is not None
-        spec = self._guard.spec
         while True:
             await asyncio.sleep(self.settings.auth_guard.recheck_s)
             if not self._guard.blocked:
                 continue
             try:
-                state = await asyncio.to_thread(read_state, self.ctx.kafka, spec.topic)
+                state = await asyncio.to_thread(read_state, self.ctx.kafka, self._guard.spec.topic)
             except RetriableError as exc:
                 log.warning("cannot re-read the auth guard: %s", exc)
                 continue
-            latest = entry_for(state, spec)
-            if self._guard.try_reopen(latest):
-                log.warning("%s: auth guard reset by an operator; calling again", self.ctx.name)
-                self.ctx.metrics.auth_guard_tripped.labels(self.ctx.name).set(0)
-                self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(0)
+            if reopen_if_reset(self._guard, state, self.ctx.metrics, self.ctx.name):
                 self._guard_reopened.set()
 
     async def _wait_for_guard(self) -> None:
@@ -349,32 +322,25 @@ class RobicoinPoller:
         async with self._signed_lock:
             if guard.blocked:
                 return None
-            first = not guard.verified
-            if first:
-                await asyncio.to_thread(guard.before_request)
+            await asyncio.to_thread(guard.before_request)
             await limiter.acquire()
+            answer: Answer | None = None
+            error: Exception | None = None
             try:
                 answer = await asyncio.to_thread(self.client.call, stream.endpoint)
-            except AuthError as exc:
-                await self._on_unauthorized(exc)
-                return None
-            except (RequestFailed, RejectedError):
-                if first:
-                    await asyncio.to_thread(guard.inconclusive)
-                raise
+            except (AuthError, RequestFailed, RejectedError) as exc:
+                error = exc
             # Any answer that is not an auth failure (even a malformed body) proves the
             # credentials were accepted.
-            if first:
-                await asyncio.to_thread(guard.succeeded)
-                self.ctx.metrics.auth_guard_failures.labels(self.ctx.name).set(0)
+            await asyncio.to_thread(guard.settle, error)
+            publish(guard, self.ctx.metrics, self.ctx.name)
+            if isinstance(error, AuthError):
+                self.ctx.metrics.auth_failures.labels(self.ctx.name).inc()
+                report_blocked(guard, self.ctx.metrics, self.ctx.name)
+                return None
+            if error is not None:
+                raise error
             return answer
-
-    async def _on_unauthorized(self, exc: AuthError) -> None:
-        assert self._guard is not None
-        self.ctx.metrics.auth_failures.labels(self.ctx.name).inc()
-        if not self._guard.failed_here:
-            await asyncio.to_thread(self._guard.unauthorized, str(exc))
-        self._report_blocked()
 
     # -- polling ---------------------------------------------------------------------
 

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from connectors.runtime.errors import AuthError
 from connectors.runtime.kafka import OutRecord
+from connectors.runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 STATES = ("unverified", "ok", "failed", "reset")
 
@@ -155,6 +159,17 @@ class AuthGuard:
         self.failed_here = True
         self._store(GuardEntry(max(1, failures), "failed", self._now_ms(), detail[:200]))
 
+    def settle(self, error: BaseException | None) -> None:
+        """Record what a signed request's answer said about the credentials: no error
+        proves them, :class:`AuthError` counts, anything else (network, 5xx, 429, a
+        refusal of the request itself) says nothing about them."""
+        if error is None:
+            self.succeeded()
+        elif isinstance(error, AuthError):
+            self.unauthorized(str(error))
+        else:
+            self.inconclusive()
+
     def try_reopen(self, latest: GuardEntry) -> bool:
         """After an operator reset (read back from Kafka), allow requests again."""
         if latest.state == "reset" and latest.updated_ms >= self.entry.updated_ms:
@@ -180,6 +195,41 @@ def entry_for(state: Mapping[bytes, bytes | None], spec: GuardSpec) -> GuardEntr
 
 def reset_entry(now_ms: int, by: str = "operator") -> GuardEntry:
     return GuardEntry(0, "reset", now_ms, f"reset by {by}")
+
+
+def publish(guard: AuthGuard, metrics: Metrics, connector: str) -> None:
+    """Export the guard's count and whether it refuses."""
+    metrics.auth_guard_failures.labels(connector).set(guard.entry.failures)
+    metrics.auth_guard_tripped.labels(connector).set(1 if guard.blocked else 0)
+
+
+def report_blocked(guard: AuthGuard, metrics: Metrics, connector: str, note: str = "") -> None:
+    """Say, once per refusal, why nothing is sent and what an operator can do."""
+    publish(guard, metrics, connector)
+    e = guard.entry
+    log.error(
+        "%s: not calling the exchange: %d authentication failure(s) recorded for "
+        "credentials %s (limit %d; last: %s).%s Fix the credentials, or reset with "
+        "'exchange-connectors auth-guard reset %s --config FILE'.",
+        connector,
+        e.failures,
+        guard.spec.fingerprint,
+        guard.spec.limit,
+        e.detail or "-",
+        f" {note}" if note else "",
+        connector,
+    )
+
+
+def reopen_if_reset(
+    guard: AuthGuard, state: Mapping[bytes, bytes | None], metrics: Metrics, connector: str
+) -> bool:
+    """Given the guard topic as read from Kafka, reopen after an operator reset."""
+    if not guard.try_reopen(entry_for(state, guard.spec)):
+        return False
+    log.warning("%s: auth guard reset by an operator; calling again", connector)
+    publish(guard, metrics, connector)
+    return True
 
 
 def describe(entry: GuardEntry, spec: GuardSpec) -> dict[str, Any]:

@@ -201,6 +201,21 @@ class Metrics:
             registry=r,
         )
 
+    def rate_limit_observer(self, connector: str, endpoint_class: str) -> Callable[[float], None]:
+        """The ``on_wait`` callback of a rate limiter: counts and times every wait."""
+        waits = self.rate_limit_waits.labels(connector, endpoint_class)
+        seconds = self.rate_limit_wait_seconds.labels(connector, endpoint_class)
+
+        def record(waited: float) -> None:
+            waits.inc()
+            seconds.observe(waited)
+
+        return record
+
+    def observe_request(self, connector: str, endpoint: str, outcome: str, elapsed: float) -> None:
+        self.requests.labels(connector, endpoint, outcome).inc()
+        self.request_latency.labels(connector, endpoint).observe(elapsed)
+
     def track_last_message(self, connector: str, last: Callable[[], float | None]) -> None:
         """Export ``now - last()`` at scrape time (``+Inf`` before the first message)."""
 

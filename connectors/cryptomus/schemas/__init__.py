@@ -6,10 +6,7 @@ one topic: ``oneOf`` a ``kind: event`` record and a ``kind: resync`` marker.
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from importlib import resources
-from typing import Any
+from connectors.runtime.schemas import schema_loader
 
 SCHEMA_CHANNELS: tuple[str, ...] = (
     "lastprice",
@@ -22,18 +19,5 @@ SCHEMA_CHANNELS: tuple[str, ...] = (
 )
 
 
-@cache
-def _load(channel: str) -> dict[str, Any]:
-    text = resources.files(__name__).joinpath(f"{channel}.json").read_text(encoding="utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
-def load_schema(channel: str) -> dict[str, Any]:
-    """The parsed schema of ``channel``; raises ``KeyError`` for an unknown channel.
-
-    The result is cached and shared: do not modify it (deep-copy it first if needed).
-    """
-    if channel not in SCHEMA_CHANNELS:
-        raise KeyError(f"no schema for channel {channel!r} (known: {', '.join(SCHEMA_CHANNELS)})")
-    return _load(channel)
+#: The parsed schema of a channel; ``KeyError`` for an unknown one. Cached and shared.
+load_schema = schema_loader(__name__, SCHEMA_CHANNELS)
