@@ -190,6 +190,13 @@ class RobicoinPoller:
         m.track_last_message(ctx.name, lambda: self._last_ok)
         ctx.health.add_check("exchange", self._exchange_fresh)
         await self._load_state()
+        # Gap markers go to every partition; looked up once here, not on the event
+        # loop while a commit holds the producer.
+        self._partitions = {
+            st.topic: await asyncio.to_thread(ctx.transactions.partitions, st.topic)
+            for st in self.streams
+            if st.name in ("order", "transaction")
+        }
         if self._guard is not None:
             ctx.health.add_check("auth", lambda: not self._guard_blocked())
             if self._guard.blocked:
@@ -523,7 +530,7 @@ class RobicoinPoller:
         # Every partition gets one: each consumer must learn about the gap.
         return [
             OutRecord(stream.topic, value, None, hdrs, now_ms, stream.channel, partition=p)
-            for p in self.ctx.transactions.partitions(stream.topic)
+            for p in self._partitions[stream.topic]
         ]
 
     def _handle_transaction(
