@@ -250,10 +250,9 @@ def make_poller(emit: str = "changes") -> RobicoinPoller:
     poller = RobicoinPoller(RobicoinConfig(robicoin=settings))
     # Only what the record-building code paths touch: metrics and partition numbers.
     poller.ctx = SimpleNamespace(  # type: ignore[assignment]
-        name="robicoin-poller",
-        metrics=MagicMock(),
-        transactions=SimpleNamespace(partitions=lambda topic: [0, 1, 2]),
+        name="robicoin-poller", metrics=MagicMock()
     )
+    poller._partitions = {s.topic: [0, 1, 2] for s in poller.streams}
     poller._epoch = EPOCH
     return poller
 

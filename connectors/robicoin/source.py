@@ -109,6 +109,8 @@ class RobicoinPoller:
         self._state: dict[str, Any] = {}
         self._epoch = 0
         self._guard: AuthGuard | None = None
+        #: Partitions of the topics that get gap markers (looked up in ``run``).
+        self._partitions: dict[str, list[int]] = {}
         self._signed_lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self._guard_reopened = asyncio.Event()
