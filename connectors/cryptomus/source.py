@@ -44,6 +44,16 @@ log = logging.getLogger(__name__)
 
 NAME = "cryptomus-ws"
 SCHEMA_VERSION = "v1"
+#: Why a connection ended (the ``reason`` label of ``connector_reconnects_total``).
+RECONNECT_REASONS = (
+    "stale",
+    "ping_timeout",
+    "kafka_unavailable",
+    "connection_lost",
+    "server_closed",
+    "error",
+    "connection_error",
+)
 
 
 def encode_event(event: protocol.Event, receive_time_ms: int, epoch: int) -> bytes:
@@ -167,6 +177,11 @@ class CryptomusSource:
         self.ctx = ctx
         m = ctx.metrics
         m.track_last_message(ctx.name, lambda: self.last_message)
+        # Series that alerts use exist at 0 from the start, so rate()/increase() see
+        # the first reconnect instead of a series born at 1.
+        m.connected.labels(ctx.name).set(0)
+        for why in RECONNECT_REASONS:
+            m.reconnects.labels(ctx.name, why)
         for flag in ("connected", "subscribed"):
             ctx.health.set(flag, False)
         ctx.health.add_check("fresh", self._fresh)

@@ -194,6 +194,11 @@ class RobicoinOrderSink:
         self._m_trading = m.trading_enabled.labels(name)
         self._m_paused = m.paused.labels(name)
         self._m_in_flight = m.commands_in_flight.labels(name)
+        # The paging alerts watch these; they exist at 0 so the first one counts.
+        for action in ("create", "delete"):
+            m.commands.labels(name, action, cmds.Outcome.UNKNOWN.value)
+        for found in ("found", "not_found", "undecided"):
+            m.reconciliations.labels(name, found)
         ctx.health.add_check("consumer", lambda: self._assigned)
         ctx.health.add_check("auth", lambda: not (self._guard and self._guard.blocked))
         worker = asyncio.ensure_future(asyncio.to_thread(self._run_blocking))
