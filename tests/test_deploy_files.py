@@ -164,9 +164,10 @@ def test_single_writer_per_api_key(rendered: dict[str, list[dict[str, Any]]], ov
     for pdb in by_kind(objects, "PodDisruptionBudget").values():
         selected = pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
         assert selected not in SINGLE_WRITERS
-    # The source may roll with a surge, and a budget keeps drains to one pod at a time.
+    # The source never overlaps either (two pods would write private events twice),
+    # and a budget keeps drains to one source pod at a time.
     source = deployments["cryptomus-ws"]["spec"]
-    assert source["strategy"]["type"] == "RollingUpdate"
+    assert source["strategy"] == {"type": "Recreate"}
     pdb = by_kind(objects, "PodDisruptionBudget")["cryptomus-ws"]
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= (
