@@ -709,6 +709,56 @@ class CryptomusSimulator:
         self._paused = False
         self._notify_settings_changed()
 
+    async def send_burst(self, count: int, rate: float | None = None) -> list[tuple[int, str, int]]:
+        """Load generator: send ``count`` update frames on the one open connection.
+
+        Frames are built first (the same builders as the periodic emitter, round-robin
+        over the connection's subscribed types and keys), then sent at ``rate`` frames/s
+        (``None``: as fast as the client reads them; TCP back-pressure slows the loop).
+        Returns ``(send_time_ns, type, records)`` per frame in send order, where
+        ``send_time_ns`` is ``time.monotonic_ns()`` just before the frame was handed to
+        the socket and ``records`` is the number of events in it (trades per trade frame).
+        The list is shorter than ``count`` when the client closed the connection.
+        """
+        if count < 0 or (rate is not None and rate <= 0):
+            raise ValueError("count must be >= 0 and rate > 0 (or None)")
+        if len(self._connections) != 1:
+            raise RuntimeError(f"need exactly one open connection, have {len(self._connections)}")
+        conn = next(iter(self._connections.values()))
+        kinds = [k for k in UPDATE_TYPES if k in conn.subscriptions and conn.subscriptions[k].keys]
+        if not kinds:
+            raise RuntimeError("the connection has no subscriptions")
+        frames: list[tuple[str, str, int]] = []
+        for i in range(count):
+            kind = kinds[i % len(kinds)]
+            sub = conn.subscriptions[kind]
+            keys = sorted(sub.keys)
+            key = keys[sub.cursor % len(keys)]
+            sub.cursor += 1
+            text, trades = self._build_update(conn, kind, key)
+            frames.append((text, kind, trades))
+        sent: list[tuple[int, str, int]] = []
+        clock = time.monotonic_ns
+        start = clock()
+        interval_ns = 0 if rate is None else 1e9 / rate
+        async with conn.send_lock:
+            for i, (text, kind, trades) in enumerate(frames):
+                if interval_ns:
+                    due = start + int(i * interval_ns)
+                    now = clock()
+                    if due > now + 200_000:  # sleep only when >0.2 ms early: batch the rest
+                        await asyncio.sleep((due - now) / 1e9)
+                stamp = clock()
+                try:
+                    await conn.ws.send(text)
+                except ConnectionClosed:
+                    break  # the client went away: the caller sees a short list
+                sent.append((stamp, kind, trades or 1))
+                self._log.append((conn.connection_id, kind, text))
+                self._counters.updates_sent[kind] = self._counters.updates_sent.get(kind, 0) + 1
+                self._counters.trades_sent += trades
+        return sent
+
     async def wait_for_connections(self, n: int, timeout: float) -> int:
         """Wait until at least ``n`` connections were accepted in total; return the count."""
         loop = asyncio.get_running_loop()
@@ -1418,6 +1468,11 @@ class SimulatorThread:
 
     def wait_for_connections(self, n: int, timeout: float) -> int:
         return self._submit(self.simulator.wait_for_connections(n, timeout), timeout + 5.0)
+
+    def send_burst(
+        self, count: int, rate: float | None = None, timeout: float = 600.0
+    ) -> list[tuple[int, str, int]]:
+        return self._submit(self.simulator.send_burst(count, rate), timeout)
 
 
 # --------------------------------------------------------------------------------------

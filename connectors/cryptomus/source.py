@@ -129,6 +129,7 @@ class CryptomusSource:
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
         self._pings: dict[str, float] = {}
+        self._lag: dict[str, Any] = {}
 
     def topics(self) -> dict[str, dict[str, str]]:
         names = [self._topic[ch] for ch in self.settings.channels]
@@ -465,7 +466,9 @@ class CryptomusSource:
         channel = update.channel
         topic = self._topic[channel]
         hdrs = self._headers[channel]
-        lag = ctx.metrics.event_lag.labels(ctx.name, channel)
+        lag = self._lag.get(channel)
+        if lag is None:  # labels() takes a lock and walks a dict: once per channel
+            lag = self._lag[channel] = ctx.metrics.event_lag.labels(ctx.name, channel)
         for event in update.events:
             value = encode_event(event, now_ms, self.epoch)
             if event.event_time_ms is not None:

@@ -1,0 +1,279 @@
+"""Child-process entry points of the Cryptomus benchmarks.
+
+Each function runs in a spawned process and reports through a ``multiprocessing``
+queue; live progress goes through a small shared array of counters so the parent can
+wait without reading Kafka (which would steal CPU from what is being measured).
+
+* :func:`source_worker` runs the real ``cryptomus-ws`` connector through the runtime's
+  ``run_connector``, exactly as ``exchange-connectors run`` does. The only addition is
+  timing: ``Delivery.send`` and ``Delivery._on_ack`` are wrapped to note, per record,
+  whether it is an exchange event and when the broker acknowledged it.
+* :func:`ws_receiver` is the raw WebSocket limit: token, subscribe, count frames.
+* :func:`producer_limit` is the raw producer limit: the connector's own producer
+  settings, records of the connector's own sizes, no parsing, as fast as it goes.
+* :func:`naive_peer` is the obvious hand-written pipeline for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import time
+from dataclasses import replace
+from typing import Any
+
+#: Indices into the shared counter array.
+EVENTS_SENT, EVENTS_ACKED, RECORDS_SENT, RECORDS_ACKED, FAILED = range(5)
+N_COUNTERS = 5
+
+MARKETS = ("BTC_USDT", "ETH_USDT")
+CHANNELS = ("lastprice", "depth", "ticker", "trade")
+
+
+def subscribe_params(channel: str) -> list[str]:
+    return [f"{m}:0" for m in MARKETS] if channel == "depth" else list(MARKETS)
+
+
+def _usage() -> dict[str, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
+
+
+def _quiet() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+
+
+# -- the connector under test ---------------------------------------------------------------
+
+
+def source_config(opts: dict[str, Any]) -> Any:
+    from connectors.cryptomus.config import (
+        Credentials,
+        CryptomusConfig,
+        CryptomusSettings,
+        Topics,
+    )
+    from connectors.cryptomus.protocol import CHANNELS as ALL
+    from connectors.runtime.app import RuntimeSettings
+    from connectors.runtime.config import Secret
+    from connectors.runtime.kafka import KafkaSettings
+
+    prefix = opts["prefix"]
+    return CryptomusConfig(
+        cryptomus=CryptomusSettings(
+            ws_url=opts["ws_url"],
+            api_url=opts["base_url"],
+            scales_url=opts["base_url"],
+            markets=list(MARKETS),
+            channels=list(CHANNELS),
+            depth_scale_indices=[0],
+            market_refresh_s=0,
+            credentials=Credentials(
+                user_id=Secret(opts["user_id"]), api_key=Secret(opts["api_key"])
+            ),
+            topics=Topics(**{f: f"{prefix}.{f}" for f in (*ALL, "dead_letter")}),
+        ),
+        kafka=replace(KafkaSettings(bootstrap_servers=opts["bootstrap"]), **opts.get("kafka", {})),
+        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=60),
+    )
+
+
+def source_worker(opts: dict[str, Any], counters: Any, out: Any) -> None:
+    """Run ``cryptomus-ws`` until SIGTERM; report every event record's ack time."""
+    _quiet()
+    from connectors.cryptomus.plugin import PLUGIN
+    from connectors.runtime.app import run_connector
+    from connectors.runtime.kafka import Delivery, OutRecord
+
+    is_event: list[bool] = []
+    acked_at: dict[int, int] = {}
+    send, on_ack = Delivery.send, Delivery._on_ack
+    event_header = ("kind", b"event")
+
+    def timed_send(self: Delivery, record: OutRecord) -> None:
+        event = event_header in record.headers
+        is_event.append(event)
+        counters[RECORDS_SENT] += 1
+        if event:
+            counters[EVENTS_SENT] += 1
+        send(self, record)
+
+    def timed_ack(self: Delivery, seq: int, channel: str, metadata: Any) -> None:
+        acked_at[seq] = time.monotonic_ns()
+        on_ack(self, seq, channel, metadata)
+        counters[RECORDS_ACKED] += 1
+        if is_event[seq]:
+            counters[EVENTS_ACKED] += 1
+
+    Delivery.send = timed_send  # type: ignore[method-assign]
+    Delivery._on_ack = timed_ack  # type: ignore[method-assign]
+    result = asyncio.run(run_connector(PLUGIN, source_config(opts)))
+    events = [acked_at.get(i, 0) for i, ev in enumerate(is_event) if ev]
+    out.put({"exit_code": result.exit_code, "error": result.error, "acks": events, **_usage()})
+
+
+# -- the two limits ----------------------------------------------------------------------------
+
+
+async def _subscribed_socket(opts: dict[str, Any], connect: Any) -> Any:
+    """Token over signed REST, connect, subscribe the four public channels."""
+    from connectors.cryptomus import protocol
+    from connectors.cryptomus.rest import CryptomusRest
+    from connectors.runtime.config import Secret
+
+    rest = CryptomusRest(
+        opts["base_url"], opts["base_url"], Secret(opts["user_id"]), Secret(opts["api_key"])
+    )
+    token = await asyncio.to_thread(rest.ws_token)
+    ws = await connect(
+        f"{opts['ws_url']}?token={token}", ping_interval=None, max_size=None, compression=None
+    )
+    for i, channel in enumerate(CHANNELS, 1):
+        await ws.send(protocol.subscribe(i, channel, subscribe_params(channel)))
+    return ws
+
+
+def ws_receiver(opts: dict[str, Any], count: int, counters: Any, out: Any) -> None:
+    """Receive ``count`` update frames and do nothing with them."""
+    _quiet()
+    from websockets.asyncio.client import connect
+
+    async def main() -> dict[str, Any]:
+        ws = await _subscribed_socket(opts, connect)
+        got = 0
+        first = last = 0
+        nbytes = 0
+        async with ws:
+            async for frame in ws:
+                if '_update"' not in frame[:64]:
+                    continue
+                last = time.monotonic_ns()
+                if not first:
+                    first = last
+                got += 1
+                nbytes += len(frame)
+                counters[EVENTS_ACKED] = got
+                if got >= count + opts.get("skip", 0):
+                    break
+        return {"frames": got, "bytes": nbytes, "first_ns": first, "last_ns": last}
+
+    out.put({**asyncio.run(main()), **_usage()})
+
+
+Record = tuple[str, bytes | None, bytes, list[Any]]
+
+
+def producer_limit(bootstrap: str, records: list[Record], backend: str, out: Any) -> None:
+    """Send ``records`` as fast as the producer takes them, with the connector's settings."""
+    _quiet()
+    from connectors.runtime.kafka import KafkaSettings, producer_config
+
+    settings = KafkaSettings(bootstrap_servers=bootstrap)
+    failures: list[BaseException] = []
+    acked = [0]
+
+    def ok(_md: Any) -> None:
+        acked[0] += 1
+
+    if backend == "kafka-python":
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(**producer_config(settings))
+        for topic in {r[0] for r in records}:
+            producer.partitions_for(topic)
+        cpu0 = time.process_time()
+        start = time.monotonic_ns()
+        for topic, key, value, headers in records:
+            fut = producer.send(topic, value=value, key=key, headers=headers)
+            fut.add_callback(ok)
+            fut.add_errback(failures.append)
+        producer.flush(timeout=120)
+        end = time.monotonic_ns()
+        cpu = time.process_time() - cpu0
+        producer.close(timeout=5)
+    else:
+        from connectors.runtime.rdkafka import RdKafkaProducer  # type: ignore[import-not-found]
+
+        producer = RdKafkaProducer(settings)
+        for topic in {r[0] for r in records}:
+            producer.partitions_for(topic)
+        cpu0 = time.process_time()
+        start = time.monotonic_ns()
+        for topic, key, value, headers in records:
+            fut = producer.send(topic, value=value, key=key, headers=headers)
+            fut.add_callback(ok)
+            fut.add_errback(failures.append)
+        producer.flush(timeout=120)
+        end = time.monotonic_ns()
+        cpu = time.process_time() - cpu0
+        producer.close(timeout=5)
+    out.put(
+        {
+            "records": len(records),
+            "acked": acked[0],
+            "failed": len(failures),
+            "first_error": repr(failures[0]) if failures else None,
+            "seconds": (end - start) / 1e9,
+            "cpu_s_in_loop": cpu,
+            **_usage(),
+        }
+    )
+
+
+# -- the naive peer ------------------------------------------------------------------------------
+
+
+def naive_peer(opts: dict[str, Any], counters: Any, out: Any) -> None:
+    """websockets + json.loads + aiokafka ``send_and_wait`` per record: the pipeline most
+    people write first (cryptofeed's Kafka backend has this shape). One topic per
+    channel, key = symbol, value = ``json.dumps`` of the parsed event."""
+    _quiet()
+    from aiokafka import AIOKafkaProducer
+    from websockets.asyncio.client import connect
+
+    prefix = opts["prefix"]
+    acked_at: list[int] = []
+
+    async def main() -> None:
+        # aiokafka's idempotent producer does not start against every broker (not on
+        # Tansu): acks=all without idempotence is the closest it gets.
+        producer = AIOKafkaProducer(bootstrap_servers=opts["bootstrap"], acks="all")
+        await producer.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(15, stop.set)
+        try:
+            ws = await _subscribed_socket(opts, connect)
+            async with ws:
+                reader = asyncio.ensure_future(_pump(ws, producer))
+                await asyncio.wait(
+                    [reader, asyncio.ensure_future(stop.wait())],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                reader.cancel()
+        finally:
+            await producer.stop()
+
+    async def _pump(ws: Any, producer: Any) -> None:
+        async for frame in ws:
+            msg = json.loads(frame)
+            method = msg.get("method") or ""
+            if not method.endswith("_update"):
+                continue
+            channel = method[: -len("_update")]
+            data = msg["data"]
+            items = data["trades"] if channel == "trade" else [data]
+            for item in items:
+                value = json.dumps({"symbol": data["symbol"], **item}).encode()
+                counters[EVENTS_SENT] += 1
+                counters[RECORDS_SENT] += 1
+                await producer.send_and_wait(
+                    f"{prefix}.{channel}", value, key=data["symbol"].encode()
+                )
+                acked_at.append(time.monotonic_ns())
+                counters[RECORDS_ACKED] += 1
+                counters[EVENTS_ACKED] += 1
+
+    asyncio.run(main())
+    out.put({"exit_code": 0, "error": None, "acks": acked_at, **_usage()})
