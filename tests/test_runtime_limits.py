@@ -96,6 +96,46 @@ def test_margin_widens_the_window() -> None:
     assert limiter.requests_per_second == pytest.approx(1 / 0.12)
 
 
+def test_a_window_starts_at_the_answer_so_a_late_arrival_cannot_collide() -> None:
+    # The exchange times arrivals, which may be anywhere between our start and the
+    # answer: the next request may start only a full window after the answer.
+    clock = FakeTime()
+    limiter = RateLimiter(RateLimit(1, 0.1), margin=0.0, clock=clock, sleep=clock.sleep)
+
+    async def go() -> list[tuple[float, float]]:
+        spans = []
+        for _ in range(6):
+            async with limiter.slot():
+                began = clock.now
+                clock.now += 0.07  # 70 ms on the way and at the exchange
+            spans.append((began, clock.now))
+        return spans
+
+    spans = asyncio.run(go())
+    for (_, answered), (began, _) in pairwise(spans):
+        assert began - answered >= 0.1 - 1e-9
+
+
+def test_requests_in_flight_fill_the_window_whatever_their_arrival() -> None:
+    clock = VirtualTime(1_000_000.0)
+    limiter = RateLimiter(RateLimit(3, 0.1), margin=0.0, clock=clock, sleep=clock.sleep)
+    spans: list[tuple[float, float]] = []
+
+    async def caller(duration: float) -> None:
+        for _ in range(8):
+            async with limiter.slot():
+                began = clock.now
+                await clock.sleep(duration)
+            spans.append((began, clock.now))
+
+    asyncio.run(clock.run(*(caller(d) for d in (0.01, 0.05, 0.13, 0.02, 0.2))))
+    assert len(spans) == 40
+    # Worst cases for the exchange's count: every request arriving at its start, or at
+    # its answer. Either way no window of 100 ms holds more than 3 arrivals.
+    assert max_in_window([b for b, _ in spans], 0.1) <= 3
+    assert max_in_window([e for _, e in spans], 0.1) <= 3
+
+
 def test_waits_are_reported() -> None:
     clock = FakeTime()
     waits: list[float] = []

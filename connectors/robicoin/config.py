@@ -86,13 +86,24 @@ class AccountShare:
             )
 
 
+OWN_MARGIN = 0.02
+SHARED_MARGIN = 0.2
+
+
 @dataclass(frozen=True)
 class RateLimitSettings:
-    #: Fraction added to every window: arrival times at the exchange jitter.
-    margin: float = 0.2
+    #: Fraction added to every window. Unset: 0.02 for a budget this process owns
+    #: (windows start at each answer, so only the exchange's clock rounding needs room)
+    #: and 0.2 when time slots are shared with other processes (arrival jitter).
+    margin: float | None = None
     ticker: Limit = field(default_factory=lambda: Limit(10, 0.1))
     other: Limit = field(default_factory=lambda: Limit(1, 0.1))
     share: AccountShare = field(default_factory=AccountShare)
+
+    def margin_for(self, shared: bool) -> float:
+        if self.margin is not None:
+            return self.margin
+        return SHARED_MARGIN if shared else OWN_MARGIN
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ class RobicoinOrderSink:
         )
         self.limiter = RateLimiter(
             RateLimit(s.rate_limit.other.count, s.rate_limit.other.window_s),
-            margin=s.rate_limit.margin,
+            margin=s.rate_limit.margin_for(shared=s.rate_limit.share.slots > 1),
             share=Share(s.rate_limit.share.slots, s.rate_limit.share.slot),
             on_wait=m.rate_limit_observer(self.ctx.name, "other"),
             clock=self._clock,
@@ -513,9 +513,9 @@ class RobicoinOrderSink:
         if self._stop.is_set():
             raise _Stopping
         guard.before_request()  # raises AuthError when the guard refuses
-        self.limiter.acquire_blocking()
         try:
-            answer = self.client.call(endpoint, fields)
+            with self.limiter.slot_blocking():
+                answer = self.client.call(endpoint, fields)
         except (AuthError, RequestFailed, RejectedError) as exc:
             guard.settle(exc)
             if isinstance(exc, AuthError):

@@ -166,16 +166,15 @@ class RobicoinPoller:
         self.ctx = ctx
         s = self.settings
         m = ctx.metrics
-        margin = s.rate_limit.margin
         self._limiters = {
             protocol.EndpointClass.TICKER: RateLimiter(
                 RateLimit(s.rate_limit.ticker.count, s.rate_limit.ticker.window_s),
-                margin=margin,
+                margin=s.rate_limit.margin_for(shared=False),
                 on_wait=m.rate_limit_observer(ctx.name, "ticker"),
             ),
             protocol.EndpointClass.OTHER: RateLimiter(
                 RateLimit(s.rate_limit.other.count, s.rate_limit.other.window_s),
-                margin=margin,
+                margin=s.rate_limit.margin_for(shared=s.rate_limit.share.slots > 1),
                 share=Share(s.rate_limit.share.slots, s.rate_limit.share.slot),
                 on_wait=m.rate_limit_observer(ctx.name, "other"),
             ),
@@ -326,19 +325,19 @@ class RobicoinPoller:
         limiter = self._limiters[stream.endpoint.klass]
         guard = self._guard
         if not stream.endpoint.signed or guard is None:
-            await limiter.acquire()
-            return await asyncio.to_thread(self.client.call, stream.endpoint)
+            async with limiter.slot():
+                return await asyncio.to_thread(self.client.call, stream.endpoint)
         async with self._signed_lock:
             if guard.blocked:
                 return None
             await asyncio.to_thread(guard.before_request)
-            await limiter.acquire()
             answer: Answer | None = None
             error: Exception | None = None
-            try:
-                answer = await asyncio.to_thread(self.client.call, stream.endpoint)
-            except (AuthError, RequestFailed, RejectedError) as exc:
-                error = exc
+            async with limiter.slot():
+                try:
+                    answer = await asyncio.to_thread(self.client.call, stream.endpoint)
+                except (AuthError, RequestFailed, RejectedError) as exc:
+                    error = exc
             # Any answer that is not an auth failure (even a malformed body) proves the
             # credentials were accepted.
             await asyncio.to_thread(guard.settle, error)

@@ -15,18 +15,27 @@ ways to stay inside one, chosen per endpoint class:
   Plain rate shares (each side at half the rate) would not do: both could fire within
   the same window.
 
-The margin is there because the exchange measures arrival times, not our start
-times. Every wait is reported through ``on_wait`` (metrics) with the seconds waited.
+The exchange measures *arrival* times, and a request may arrive any time between our
+start and our reading its answer (thread scheduling, GIL, network). So a request made
+through :meth:`RateLimiter.slot` (sliding window) occupies the window from its start
+until ``window`` after its *completion*: a request still in flight counts as inside
+every window. Whatever the delays, two arrivals can then never share a window
+beyond ``count``: the later request started only after the earlier one's answer came
+back, and that answer left the exchange after its arrival. The margin only covers
+rounding of the exchange's own clock there. Time slots are shared between processes
+that cannot see each other's completions, so there the margin absorbs the jitter.
+Every wait is reported through ``on_wait`` (metrics) with the seconds waited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from connectors.runtime.errors import ConfigError
@@ -59,6 +68,10 @@ class Share:
             )
 
 
+#: How often a full window of in-flight requests is re-checked.
+_IN_FLIGHT_POLL_S = 0.001
+
+
 class RateLimiter:
     """Await :meth:`acquire` before every request of one endpoint class."""
 
@@ -81,7 +94,9 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._period = limit.window_s * (1.0 + margin)
-        self._starts: deque[float] = deque(maxlen=limit.count)
+        #: Sliding window: request id -> the time its window starts (inf: in flight).
+        self._anchors: dict[int, float] = {}
+        self._ids = itertools.count()
         self._slot_index = -1
         self._slot_used = 0
         self._lock = asyncio.Lock()
@@ -95,9 +110,14 @@ class RateLimiter:
     def delay(self, now: float) -> float:
         """Seconds to wait before a request may start at ``now`` (0 = go). Pure."""
         if self.share.slots == 1:
-            if len(self._starts) < self.limit.count:
+            cutoff = now - self._period
+            busy = sorted(a for a in self._anchors.values() if a > cutoff)
+            excess = len(busy) - self.limit.count
+            if excess < 0:
                 return 0.0
-            return max(0.0, self._starts[0] + self._period - now)
+            if math.isinf(busy[excess]):
+                return _IN_FLIGHT_POLL_S  # the window is full of requests still in flight
+            return busy[excess] + self._period - now
         index = math.floor(now / self._period)
         offset = now - index * self._period
         start_window = self.limit.window_s * self.margin / 2
@@ -111,24 +131,33 @@ class RateLimiter:
             ahead = self.share.slots
         return (index + ahead) * self._period - now
 
-    def _record(self, now: float) -> None:
+    def _record(self, now: float, in_flight: bool) -> int:
         if self.share.slots == 1:
-            self._starts.append(now)
-            return
+            cutoff = now - self._period
+            for old in [k for k, a in self._anchors.items() if a <= cutoff]:
+                del self._anchors[old]
+            request_id = next(self._ids)
+            self._anchors[request_id] = math.inf if in_flight else now
+            return request_id
         index = math.floor(now / self._period)
         if index != self._slot_index:
             self._slot_index, self._slot_used = index, 0
         self._slot_used += 1
+        return -1
 
-    async def acquire(self) -> float:
-        """Wait until a request may start; returns the seconds waited."""
+    def _done(self, request_id: int) -> None:
+        """The request's answer is in (or it failed): its window starts now."""
+        if request_id in self._anchors:
+            self._anchors[request_id] = self._clock()
+
+    async def _wait_turn(self, in_flight: bool) -> tuple[int, float]:
         waited = 0.0
         async with self._lock:
             while True:
                 now = self._clock()
                 pause = self.delay(now)
                 if pause <= 0.0:
-                    self._record(now)
+                    request_id = self._record(now, in_flight)
                     break
                 # Land a hair inside the slot rather than on its edge.
                 pause += 0.0005
@@ -136,21 +165,50 @@ class RateLimiter:
                 await self._sleep(pause)
         if waited > 0.0 and self._on_wait is not None:
             self._on_wait(waited)
-        return waited
+        return request_id, waited
 
-    def acquire_blocking(self, sleep: Callable[[float], None] = time.sleep) -> float:
-        """:meth:`acquire` for code that runs in a worker thread."""
+    def _wait_turn_blocking(
+        self, in_flight: bool, sleep: Callable[[float], None]
+    ) -> tuple[int, float]:
         waited = 0.0
         with self._thread_lock:
             while True:
                 now = self._clock()
                 pause = self.delay(now)
                 if pause <= 0.0:
-                    self._record(now)
+                    request_id = self._record(now, in_flight)
                     break
                 pause += 0.0005
                 waited += pause
                 sleep(pause)
         if waited > 0.0 and self._on_wait is not None:
             self._on_wait(waited)
-        return waited
+        return request_id, waited
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """``async with limiter.slot(): <one request>`` — waits for a turn (yields the
+        seconds waited); the request's window starts when the block exits."""
+        request_id, waited = await self._wait_turn(in_flight=True)
+        try:
+            yield waited
+        finally:
+            self._done(request_id)
+
+    @contextlib.contextmanager
+    def slot_blocking(self, sleep: Callable[[float], None] = time.sleep) -> Iterator[float]:
+        """:meth:`slot` for code that runs in a worker thread."""
+        request_id, waited = self._wait_turn_blocking(True, sleep)
+        try:
+            yield waited
+        finally:
+            self._done(request_id)
+
+    async def acquire(self) -> float:
+        """Wait for a turn, anchoring the window at the start (use :meth:`slot` for real
+        requests: this is only safe when arrival equals start); returns seconds waited."""
+        return (await self._wait_turn(in_flight=False))[1]
+
+    def acquire_blocking(self, sleep: Callable[[float], None] = time.sleep) -> float:
+        """:meth:`acquire` for code that runs in a worker thread."""
+        return self._wait_turn_blocking(False, sleep)[1]
