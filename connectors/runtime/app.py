@@ -3,7 +3,8 @@
 Concurrency model (one per process, on purpose): a single asyncio event loop runs the
 connector (exchange I/O, parsing, handing records to the producer). Three kinds of
 threads exist beside it, each with one job: kafka-python's sender thread (network I/O
-to Kafka; its callbacks only update counters under a lock), the health HTTP server
+to Kafka; its callbacks only update counters under a lock; with the confluent-kafka
+backend, the thread polling librdkafka for delivery reports), the health HTTP server
 thread (reads state, never writes it), and short-lived worker threads for blocking
 REST calls (``asyncio.to_thread``).
 """

@@ -1,13 +1,16 @@
 """Kafka delivery shared by every connector: settings, topic set-up, a tracked producer.
 
-:class:`Delivery` wraps kafka-python's ``KafkaProducer`` (acks=all, idempotent) and
-puts a callback on every send. It keeps the count and age of unacknowledged records
-so a source can stop reading from the exchange *before* memory grows without bound,
-and it turns any failed delivery into a fatal error the runner exits on: a record
-the broker never acknowledged is never forgotten quietly.
+:class:`Delivery` wraps kafka-python's ``KafkaProducer`` (acks=all, idempotent), or
+with ``kafka.producer_backend: confluent-kafka`` the librdkafka producer of
+:mod:`connectors.runtime.rdkafka` behind the same interface, and puts a callback on
+every send. It keeps the count and age of unacknowledged records so a source can
+stop reading from the exchange *before* memory grows without bound, and it turns
+any failed delivery into a fatal error the runner exits on: a record the broker
+never acknowledged is never forgotten quietly.
 
 Threads: ``send`` is called from the connector's event loop; callbacks run on
-kafka-python's sender thread, so the bookkeeping they touch is guarded by a lock.
+kafka-python's sender thread (or the librdkafka backend's poll thread), so the
+bookkeeping they touch is guarded by a lock.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
@@ -42,6 +46,8 @@ _OWNED = {
     "transactional_id",
 }
 _SECRET_HINTS = ("password", "token", "secret")
+#: ``kafka.producer_backend`` values; transactions always use kafka-python.
+PRODUCER_BACKENDS = ("kafka-python", "confluent-kafka")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class KafkaSettings:
     create_topics: bool = True
     topic_partitions: int = 3
     replication_factor: int = 1
+    #: The stream producer: kafka-python, or librdkafka (``pip install
+    #: 'exchange-connectors[confluent]'``). Transactions always use kafka-python.
+    producer_backend: str = "kafka-python"
 
     def validate(self) -> None:
         allowed = set(KafkaProducer.DEFAULT_CONFIG) - _OWNED
@@ -77,6 +86,14 @@ class KafkaSettings:
             raise ConfigError("kafka.max_buffered_records must be at least 1")
         if self.stall_after_s * 1000 >= self.delivery_timeout_ms:
             raise ConfigError("kafka.stall_after_s must be shorter than delivery_timeout_ms")
+        if self.producer_backend not in PRODUCER_BACKENDS:
+            allowed_backends = ", ".join(repr(b) for b in PRODUCER_BACKENDS)
+            raise ConfigError(
+                f"kafka.producer_backend: {self.producer_backend!r} is not one of "
+                f"{allowed_backends}"
+            )
+        if self.producer_backend == "confluent-kafka":
+            _rdkafka().check_client(self.client)
 
     def client_config(self, for_client: type | None = None) -> dict[str, Any]:
         """Connection settings for ``for_client`` (producer-only keys such as
@@ -110,6 +127,20 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
     if settings.compression_type:
         cfg["compression_type"] = settings.compression_type
     return cfg
+
+
+def _rdkafka() -> ModuleType:
+    """The librdkafka backend, imported only when chosen (an optional dependency)."""
+    try:
+        from connectors.runtime import rdkafka
+    except ImportError as exc:
+        if exc.name != "confluent_kafka":
+            raise
+        raise ConfigError(
+            "kafka.producer_backend confluent-kafka needs the confluent-kafka package: "
+            "pip install 'exchange-connectors[confluent]'"
+        ) from None
+    return rdkafka
 
 
 def ensure_topics(
@@ -195,8 +226,12 @@ class Delivery:
         cls, settings: KafkaSettings, metrics: Metrics, connector: str, topics: Iterable[str]
     ) -> Delivery:
         """Create the producer and load every topic's metadata up front."""
+        producer: Any
         try:
-            producer = KafkaProducer(**producer_config(settings))
+            if settings.producer_backend == "confluent-kafka":
+                producer = _rdkafka().RdKafkaProducer(settings)
+            else:
+                producer = KafkaProducer(**producer_config(settings))
         except KafkaConfigurationError as exc:
             raise ConfigError(f"kafka.client: {exc}") from None
         except KafkaError as exc:

@@ -62,6 +62,8 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # kafka-python is chatty at INFO about every connection; keep its warnings.
+    # kafka-python and librdkafka are chatty at INFO about every connection; keep
+    # their warnings.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("librdkafka").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
