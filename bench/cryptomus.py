@@ -49,7 +49,6 @@ SIM = "connectors.cryptomus.simulator.SimulatorThread"
 #: nothing was lost, and no backlog built up (p99 added latency under this bound).
 SUSTAINED_SEND_RATIO = 0.97
 SUSTAINED_P99_MS = 100.0
-LADDER = (0.95, 0.85, 0.75, 0.65, 0.5)
 
 Log = Callable[[str], None]
 
@@ -294,18 +293,32 @@ class CryptomusBench:
     # -- searches ---------------------------------------------------------------------------
 
     def max_sustained(
-        self, label: str, saturation_frames_per_s: float, **run_kw: Any
+        self, label: str, fixed: list[dict[str, Any]], saturation_frames_per_s: float, **kw: Any
     ) -> dict[str, Any]:
-        """Highest rate on a descending ladder (fractions of saturation) that passes."""
-        tried = []
-        for fraction in LADDER[: self.scale.ladder_steps]:
-            rate = max(10.0, round(saturation_frames_per_s * fraction, -1))
+        """Bisect between the fastest fixed rate that was sustained and the slowest one
+        that was not (or the unthrottled rate), ``ladder_steps`` times."""
+        passed = [r["offered_frames_per_s"] for r in fixed if r.get("sustained")]
+        failed = [r["offered_frames_per_s"] for r in fixed if not r.get("sustained")]
+        lo = max(passed, default=0.0)
+        hi = min([f for f in failed if f > lo] or [max(saturation_frames_per_s, lo * 2)])
+        best = max((r for r in fixed if r.get("sustained")), key=_offered, default=None)
+        tried: list[dict[str, Any]] = []
+        for _ in range(self.scale.ladder_steps):
+            rate = round((lo + hi) / 2, -1)
+            if rate <= lo or rate >= hi:
+                break
             frames = max(100, int(rate * self.scale.seconds_per_rate))
-            row = self.run(f"{label} @{rate:,.0f}/s", rate, frames, **run_kw)
+            row = self.run(f"{label} @{rate:,.0f}/s", rate, frames, **kw)
             tried.append(row)
             if row.get("sustained"):
-                return {"found": True, "run": row, "tried": tried}
-        return {"found": False, "run": None, "tried": tried}
+                lo, best = rate, row
+            else:
+                hi = rate
+        return {"found": best is not None, "run": best, "tried": tried, "bounds": [lo, hi]}
+
+
+def _offered(row: dict[str, Any]) -> float:
+    return float(row["offered_frames_per_s"] or 0.0)
 
 
 def run_all(
@@ -347,7 +360,7 @@ def run_all(
             sat_fps = sat["delivered_records_per_s"] / max(sat["records_per_frame"], 1e-9)
             log(f"cryptomus source ({backend}): maximum sustained rate")
             section["max_sustained"] = bench.max_sustained(
-                f"source/{backend}", sat_fps, kafka=kafka
+                f"source/{backend}", section["rates"], sat_fps, kafka=kafka
             )
             out["backends"][backend] = section
         log("naive peer (websockets + json + aiokafka send_and_wait): fixed rates")

@@ -43,6 +43,9 @@ def _usage() -> dict[str, float]:
 
 def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    # Overloaded on purpose in the unthrottled runs: kafka-python then warns about its
+    # own slow I/O loop many times a second.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 # -- the connector under test ---------------------------------------------------------------
@@ -108,7 +111,7 @@ def source_worker(opts: dict[str, Any], counters: Any, out: Any) -> None:
             counters[EVENTS_ACKED] += 1
 
     Delivery.send = timed_send  # type: ignore[method-assign]
-    Delivery._on_ack = timed_ack  # type: ignore[method-assign]
+    Delivery._on_ack = timed_ack  # type: ignore[method-assign,assignment]
     result = asyncio.run(run_connector(PLUGIN, source_config(opts)))
     events = [acked_at.get(i, 0) for i, ev in enumerate(is_event) if ev]
     out.put({"exit_code": result.exit_code, "error": result.error, "acks": events, **_usage()})
@@ -194,7 +197,7 @@ def producer_limit(bootstrap: str, records: list[Record], backend: str, out: Any
         cpu = time.process_time() - cpu0
         producer.close(timeout=5)
     else:
-        from connectors.runtime.rdkafka import RdKafkaProducer  # type: ignore[import-not-found]
+        from connectors.runtime.rdkafka import RdKafkaProducer
 
         producer = RdKafkaProducer(settings)
         for topic in {r[0] for r in records}:

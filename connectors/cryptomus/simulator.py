@@ -742,7 +742,7 @@ class CryptomusSimulator:
         start = clock()
         interval_ns = 0 if rate is None else 1e9 / rate
         async with conn.send_lock:
-            for i, (text, kind, trades) in enumerate(frames):
+            for i, (text, frame_kind, trades) in enumerate(frames):
                 if interval_ns:
                     due = start + int(i * interval_ns)
                     now = clock()
@@ -753,9 +753,10 @@ class CryptomusSimulator:
                     await conn.ws.send(text)
                 except ConnectionClosed:
                     break  # the client went away: the caller sees a short list
-                sent.append((stamp, kind, trades or 1))
-                self._log.append((conn.connection_id, kind, text))
-                self._counters.updates_sent[kind] = self._counters.updates_sent.get(kind, 0) + 1
+                sent.append((stamp, frame_kind, trades or 1))
+                self._log.append((conn.connection_id, frame_kind, text))
+                updates = self._counters.updates_sent
+                updates[frame_kind] = updates.get(frame_kind, 0) + 1
                 self._counters.trades_sent += trades
         return sent
 
