@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results folder (default bench/results, bench/results/smoke)"
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the broker, simulators and connectors stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scale = SMOKE if args.smoke else FULL
     out_dir: Path = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
