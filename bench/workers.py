@@ -180,38 +180,27 @@ def producer_limit(bootstrap: str, records: list[Record], backend: str, out: Any
     def ok(_md: Any) -> None:
         acked[0] += 1
 
+    producer: Any
     if backend == "kafka-python":
         from kafka import KafkaProducer
 
         producer = KafkaProducer(**producer_config(settings))
-        for topic in {r[0] for r in records}:
-            producer.partitions_for(topic)
-        cpu0 = time.process_time()
-        start = time.monotonic_ns()
-        for topic, key, value, headers in records:
-            fut = producer.send(topic, value=value, key=key, headers=headers)
-            fut.add_callback(ok)
-            fut.add_errback(failures.append)
-        producer.flush(timeout=120)
-        end = time.monotonic_ns()
-        cpu = time.process_time() - cpu0
-        producer.close(timeout=5)
     else:
         from connectors.runtime.rdkafka import RdKafkaProducer
 
         producer = RdKafkaProducer(settings)
-        for topic in {r[0] for r in records}:
-            producer.partitions_for(topic)
-        cpu0 = time.process_time()
-        start = time.monotonic_ns()
-        for topic, key, value, headers in records:
-            fut = producer.send(topic, value=value, key=key, headers=headers)
-            fut.add_callback(ok)
-            fut.add_errback(failures.append)
-        producer.flush(timeout=120)
-        end = time.monotonic_ns()
-        cpu = time.process_time() - cpu0
-        producer.close(timeout=5)
+    for topic in {r[0] for r in records}:
+        producer.partitions_for(topic)
+    cpu0 = time.process_time()
+    start = time.monotonic_ns()
+    for topic, key, value, headers in records:
+        fut = producer.send(topic, value=value, key=key, headers=headers)
+        fut.add_callback(ok)
+        fut.add_errback(failures.append)
+    producer.flush(timeout=120)
+    end = time.monotonic_ns()
+    cpu = time.process_time() - cpu0
+    producer.close(timeout=5)
     out.put(
         {
             "records": len(records),
