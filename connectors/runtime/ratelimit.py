@@ -73,7 +73,7 @@ _IN_FLIGHT_POLL_S = 0.001
 
 
 class RateLimiter:
-    """Await :meth:`acquire` before every request of one endpoint class."""
+    """Wrap every request of one endpoint class in :meth:`slot` (or :meth:`slot_blocking`)."""
 
     def __init__(
         self,
@@ -131,13 +131,13 @@ class RateLimiter:
             ahead = self.share.slots
         return (index + ahead) * self._period - now
 
-    def _record(self, now: float, in_flight: bool) -> int:
+    def _record(self, now: float) -> int:
         if self.share.slots == 1:
             cutoff = now - self._period
             for old in [k for k, a in self._anchors.items() if a <= cutoff]:
                 del self._anchors[old]
             request_id = next(self._ids)
-            self._anchors[request_id] = math.inf if in_flight else now
+            self._anchors[request_id] = math.inf  # in flight until _done
             return request_id
         index = math.floor(now / self._period)
         if index != self._slot_index:
@@ -150,14 +150,14 @@ class RateLimiter:
         if request_id in self._anchors:
             self._anchors[request_id] = self._clock()
 
-    async def _wait_turn(self, in_flight: bool) -> tuple[int, float]:
+    async def _wait_turn(self) -> tuple[int, float]:
         waited = 0.0
         async with self._lock:
             while True:
                 now = self._clock()
                 pause = self.delay(now)
                 if pause <= 0.0:
-                    request_id = self._record(now, in_flight)
+                    request_id = self._record(now)
                     break
                 # Land a hair inside the slot rather than on its edge.
                 pause += 0.0005
@@ -167,16 +167,14 @@ class RateLimiter:
             self._on_wait(waited)
         return request_id, waited
 
-    def _wait_turn_blocking(
-        self, in_flight: bool, sleep: Callable[[float], None]
-    ) -> tuple[int, float]:
+    def _wait_turn_blocking(self, sleep: Callable[[float], None]) -> tuple[int, float]:
         waited = 0.0
         with self._thread_lock:
             while True:
                 now = self._clock()
                 pause = self.delay(now)
                 if pause <= 0.0:
-                    request_id = self._record(now, in_flight)
+                    request_id = self._record(now)
                     break
                 pause += 0.0005
                 waited += pause
@@ -189,7 +187,7 @@ class RateLimiter:
     async def slot(self) -> AsyncIterator[float]:
         """``async with limiter.slot(): <one request>`` — waits for a turn (yields the
         seconds waited); the request's window starts when the block exits."""
-        request_id, waited = await self._wait_turn(in_flight=True)
+        request_id, waited = await self._wait_turn()
         try:
             yield waited
         finally:
@@ -198,17 +196,8 @@ class RateLimiter:
     @contextlib.contextmanager
     def slot_blocking(self, sleep: Callable[[float], None] = time.sleep) -> Iterator[float]:
         """:meth:`slot` for code that runs in a worker thread."""
-        request_id, waited = self._wait_turn_blocking(True, sleep)
+        request_id, waited = self._wait_turn_blocking(sleep)
         try:
             yield waited
         finally:
             self._done(request_id)
-
-    async def acquire(self) -> float:
-        """Wait for a turn, anchoring the window at the start (use :meth:`slot` for real
-        requests: this is only safe when arrival equals start); returns seconds waited."""
-        return (await self._wait_turn(in_flight=False))[1]
-
-    def acquire_blocking(self, sleep: Callable[[float], None] = time.sleep) -> float:
-        """:meth:`acquire` for code that runs in a worker thread."""
-        return self._wait_turn_blocking(False, sleep)[1]
