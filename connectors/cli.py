@@ -78,7 +78,7 @@ def _cmd_auth_guard(args: argparse.Namespace) -> int:
 
     from connectors.runtime import authguard
     from connectors.runtime.errors import RetriableError
-    from connectors.runtime.state import read_state, write_record
+    from connectors.runtime.state import read_state, write_records
 
     setup_logging()
     try:
@@ -93,15 +93,15 @@ def _cmd_auth_guard(args: argparse.Namespace) -> int:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG
     try:
+        view = authguard.view_of(read_state(cfg.kafka, spec.topic), spec)
         if args.action == "reset":
-            entry = authguard.reset_entry(int(time.time() * 1000), by=args.by)
-            write_record(cfg.kafka, authguard.record_for(spec, entry))
-        else:
-            entry = authguard.entry_for(read_state(cfg.kafka, spec.topic), spec)
+            now_ms = int(time.time() * 1000)
+            write_records(cfg.kafka, authguard.reset_records(spec, view, now_ms, by=args.by))
+            view = authguard.view_of(read_state(cfg.kafka, spec.topic), spec)
     except RetriableError as exc:
         log.error("Kafka: %s", exc)
         return 1
-    print(json.dumps(authguard.describe(entry, spec), indent=2))
+    print(json.dumps(authguard.describe(view, spec), indent=2))
     return 0
 
 

@@ -178,3 +178,63 @@ def test_a_key_revoked_while_running_costs_one_request(kafka_bootstrap: str) -> 
             assert signed_requests(sim) == before
             assert unauthorized(sim) == 1
             conn.stop()
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 5])
+def test_a_sink_started_earlier_cannot_spend_what_the_poller_already_spent(
+    kafka_bootstrap: str, limit: int
+) -> None:
+    """Issue 12 §9: the poller and the sink share one count per credential set. An idle
+    sink read it at start; the poller then crash-looped until the guard refused; one
+    command reached the sink; the poller restarted again. The exchange must never see
+    more unauthorized requests than the limit."""
+    from connectors.robicoin.config import AuthGuardSettings, CredentialSettings
+    from connectors.robicoin.simulator import DEFAULT_PUBLIC_ID
+    from connectors.runtime.config import Secret
+    from tests.robicoin_helpers import CommandProducer, create_command, run_sink, sink_config
+
+    guard_topic = unique("guard")
+    with SimulatorThread(transactions_per_second=0.0) as sim:
+        poller = make_config(
+            sim.base_url,
+            kafka_bootstrap,
+            private_key=WRONG_PRIVATE,
+            guard_topic=guard_topic,
+            guard_limit=limit,
+            streams=streams(0.2, enabled={"balance"}),
+        )
+        sink = sink_config(
+            sim.base_url,
+            kafka_bootstrap,
+            credentials=CredentialSettings(
+                public_key=Secret(DEFAULT_PUBLIC_KEY),
+                public_id=Secret(DEFAULT_PUBLIC_ID),
+                private_key=Secret(WRONG_PRIVATE),
+            ),
+            auth_guard=AuthGuardSettings(limit=limit, topic=guard_topic, recheck_s=0.5),
+        )
+        with run_sink(sink) as idle_sink:
+            wait_until(lambda: scrape(idle_sink.health_port).status_code == 200, T(20), "sink up")
+            for _run in range(limit):  # the poller crash-loops until the guard refuses
+                run_until_tripped(poller)
+            assert unauthorized(sim) == limit
+            commands = CommandProducer(kafka_bootstrap, sink.robicoin.topics.commands)
+            try:
+                commands.send(create_command(unique("c"), "0.001", now_ms=int(time.time() * 1000)))
+            finally:
+                commands.close()
+            wait_until(
+                lambda: (
+                    metric_value(scrape(idle_sink.health_port).text, "connector_auth_guard_tripped")
+                    == 1
+                    or unauthorized(sim) > limit
+                ),
+                T(30),
+                "the sink to meet the command",
+            )
+            time.sleep(T(1))
+            for _run in range(2):
+                run_until_tripped(poller)
+            idle_sink.stop()
+        assert unauthorized(sim) == limit
+        assert sim.simulator.counters()["blocked_ips"] == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import threading
 from collections.abc import Coroutine, Sequence
 from itertools import pairwise
 from typing import Any
@@ -12,14 +13,13 @@ import pytest
 
 from connectors.runtime.authguard import (
     AuthGuard,
-    GuardEntry,
+    GuardRefused,
     GuardSpec,
-    entry_for,
     fingerprint,
-    record_for,
-    reset_entry,
+    reset_records,
+    view_of,
 )
-from connectors.runtime.errors import AuthError, ConfigError
+from connectors.runtime.errors import ConfigError
 from connectors.runtime.kafka import OutRecord
 from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
 
@@ -190,7 +190,7 @@ SPEC = GuardSpec("guard-topic", fingerprint("test", "key", "id", "private"), lim
 
 
 class Store:
-    """Stands in for the Kafka topic: what the guard committed, by key."""
+    """Stands in for the Kafka topic: what the guards committed, by key."""
 
     def __init__(self) -> None:
         self.records: list[OutRecord] = []
@@ -201,9 +201,14 @@ class Store:
     def state(self) -> dict[bytes, bytes | None]:
         return {r.key: r.value for r in self.records if r.key is not None}
 
+    def failures(self) -> int:
+        return view_of(self.state(), SPEC).failures
 
-def guard_from(store: Store, now: int = 1) -> AuthGuard:
-    return AuthGuard(SPEC, entry_for(store.state(), SPEC), store.commit, lambda: now)
+
+def guard_from(
+    store: Store, writer: str = "poller", now: int = 1, spec: GuardSpec = SPEC
+) -> AuthGuard:
+    return AuthGuard(spec, writer, store.state(), store.state, store.commit, lambda: now)
 
 
 def test_fingerprints_are_stable_and_do_not_contain_the_credentials() -> None:
@@ -219,9 +224,9 @@ def test_the_count_is_committed_before_the_first_request() -> None:
     guard = guard_from(store)
     guard.before_request()
     # A crash right now (after the request left) still counts as one failure.
-    assert entry_for(store.state(), SPEC).failures == 1
+    assert store.failures() == 1
     guard.succeeded()
-    assert entry_for(store.state(), SPEC).failures == 0
+    assert store.failures() == 0
     guard.before_request()  # verified: nothing more to write
     assert len(store.records) == 2
 
@@ -237,7 +242,7 @@ def test_crash_loop_with_bad_credentials_stops_at_the_limit() -> None:
         attempts += 1
         guard.unauthorized("HTTP 401")
     assert attempts == SPEC.limit
-    assert entry_for(store.state(), SPEC).state == "failed"
+    assert store.failures() == SPEC.limit
 
 
 def test_crashes_before_any_answer_also_use_the_budget() -> None:
@@ -255,7 +260,7 @@ def test_answers_without_a_verdict_give_the_count_back() -> None:
         guard = guard_from(store)
         guard.before_request()
         guard.inconclusive()  # 503 / network error: says nothing about the credentials
-    assert entry_for(store.state(), SPEC).failures == 0
+    assert store.failures() == 0
     assert not guard_from(store).blocked
 
 
@@ -266,9 +271,23 @@ def test_a_failure_after_success_is_counted_and_stops_this_process() -> None:
     guard.succeeded()
     guard.unauthorized("HTTP 401 (key revoked)")
     assert guard.blocked
-    assert entry_for(store.state(), SPEC).failures == 1
-    with pytest.raises(AuthError):
+    assert store.failures() == 1
+    with pytest.raises(GuardRefused):
         guard.before_request()
+
+
+def test_a_success_does_not_forget_earlier_failures() -> None:
+    """The exchange's own count does not forget them either (spec: 10 unauthorized
+    attempts block the IP); only an operator reset does."""
+    store = Store()
+    guard = guard_from(store)
+    guard.before_request()
+    guard.unauthorized("HTTP 401")
+    again = guard_from(store)
+    again.before_request()
+    again.succeeded()
+    assert store.failures() == 1
+    assert guard_from(store, writer="sink").view.failures == 1
 
 
 def test_an_operator_reset_reopens_the_guard() -> None:
@@ -278,12 +297,111 @@ def test_an_operator_reset_reopens_the_guard() -> None:
         guard.before_request()
         guard.unauthorized("HTTP 401")
     assert guard.blocked
-    store.commit([record_for(SPEC, reset_entry(now_ms=5))])
-    latest = entry_for(store.state(), SPEC)
-    assert guard.try_reopen(latest)
+    store.commit(reset_records(SPEC, view_of(store.state(), SPEC), now_ms=5))
+    guard.refresh()
     assert not guard.blocked
     assert not guard_from(store).blocked
+    assert store.failures() == 0
 
 
 def test_an_unreadable_guard_record_is_treated_as_tripped() -> None:
-    assert GuardEntry.from_bytes(b"not json").failures >= SPEC.limit
+    store = Store()
+    store.commit([OutRecord(SPEC.topic, b"not json", SPEC.writer_key("x"))])
+    assert guard_from(store).blocked
+    legacy = Store()
+    legacy.commit([OutRecord(SPEC.topic, b"{", SPEC.head_key)])
+    assert guard_from(legacy).blocked
+
+
+def test_a_count_written_by_an_earlier_version_still_counts() -> None:
+    store = Store()
+    old = b'{"failures":2,"state":"failed","updated_ms":1,"detail":"HTTP 401"}'
+    store.commit([OutRecord(SPEC.topic, old, SPEC.head_key)])
+    assert guard_from(store).blocked
+    store.commit(reset_records(SPEC, view_of(store.state(), SPEC), now_ms=5))
+    assert not guard_from(store).blocked
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4, 5])
+def test_a_sink_with_a_stale_view_cannot_lower_the_shared_count(limit: int) -> None:
+    """Issue 12 §9: an idle sink read the count at start; the poller then crash-looped
+    until the guard refused; a command reached the sink; the poller restarted again.
+    Every request here is unauthorized (wrong credentials)."""
+    spec = GuardSpec(SPEC.topic, SPEC.fingerprint, limit)
+    store = Store()
+    sent = 0
+
+    def attempt(guard: AuthGuard) -> None:
+        nonlocal sent
+        try:
+            guard.before_request()
+        except GuardRefused:
+            return
+        sent += 1
+        guard.unauthorized("HTTP 401")
+
+    sink = guard_from(store, "sink", spec=spec)  # started idle: its view is old now
+    for _restart in range(limit + 3):
+        poller = guard_from(store, "poller", spec=spec)
+        if not poller.blocked:
+            attempt(poller)
+    attempt(sink)
+    for _restart in range(3):
+        attempt(guard_from(store, "poller", spec=spec))
+        attempt(guard_from(store, "sink", spec=spec))
+    assert sent == limit
+    assert view_of(store.state(), spec).failures == limit
+
+
+def test_two_processes_reserving_at_once_never_both_spend_the_last_request() -> None:
+    """Both read the count (limit - 1) before either reserves, and both reserve before
+    either reads again: at most one may send, since the two do not both fit."""
+    store = Store()
+    first = guard_from(store, "poller")
+    first.before_request()
+    first.unauthorized("HTTP 401")  # count 1 of 2
+    lock = threading.Lock()
+    read_together = threading.Barrier(2, timeout=10)
+    reserved_together = threading.Barrier(2, timeout=10)
+
+    def make(writer: str) -> AuthGuard:
+        reads = 0
+        commits = 0
+
+        def read() -> dict[bytes, bytes | None]:
+            nonlocal reads
+            reads += 1
+            with lock:
+                state = store.state()
+            if reads == 1:
+                read_together.wait()
+            return state
+
+        def commit(batch: Sequence[OutRecord]) -> None:
+            nonlocal commits
+            commits += 1
+            with lock:
+                store.commit(batch)
+            if commits == 1:
+                reserved_together.wait()
+
+        return AuthGuard(SPEC, writer, store.state(), read, commit, lambda: 2)
+
+    sent: list[str] = []
+
+    def attempt(guard: AuthGuard) -> None:
+        try:
+            guard.before_request()
+        except GuardRefused:
+            return
+        sent.append(guard.writer)
+
+    guards = [make("poller-2"), make("sink")]
+    threads = [threading.Thread(target=attempt, args=(g,)) for g in guards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(sent) <= 1
+    # The one that refused took its reservation back; a sender's is still counted.
+    assert store.failures() == 1 + len(sent) <= SPEC.limit

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import threading
@@ -52,8 +53,8 @@ from connectors.runtime import records
 from connectors.runtime.app import RuntimeContext
 from connectors.runtime.authguard import (
     AuthGuard,
+    GuardRefused,
     GuardSpec,
-    entry_for,
     publish,
     reopen_if_reset,
     report_blocked,
@@ -81,7 +82,8 @@ RECONCILE_READS = 5
 
 
 class _Stopping(Exception):
-    """Stop was requested mid-command: leave it (pending or not started) for next time."""
+    """Stop was requested mid-command, or the auth guard refused before a call: leave
+    the command (pending or not started) for next time."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +236,14 @@ class RobicoinOrderSink:
         )
         self._load_ledger()
         spec = self.guard_spec()
-        entry = entry_for(read_state(self.ctx.kafka, spec.topic), spec)
-        self._guard = AuthGuard(spec, entry, self.ctx.transactions.commit, self._now_ms)
+        self._guard = AuthGuard(
+            spec,
+            self.transactional_id,
+            read_state(self.ctx.kafka, spec.topic),
+            functools.partial(read_state, self.ctx.kafka, spec.topic),
+            self.ctx.transactions.commit,
+            self._now_ms,
+        )
         publish(self._guard, m, self.ctx.name)
         if self._guard.blocked:
             report_blocked(self._guard, m, self.ctx.name, "Commands wait in Kafka.")
@@ -445,6 +453,7 @@ class RobicoinOrderSink:
             risk = self._risk(cmd)
             if risk is not None:
                 return risk
+        self._admit()
         pending_at = self._pending(cmd)
         if isinstance(cmd, cmds.CreateOrder):
             return self._create(cmd, pending_at)
@@ -512,7 +521,13 @@ class RobicoinOrderSink:
         assert guard is not None
         if self._stop.is_set():
             raise _Stopping
-        guard.before_request()  # raises AuthError when the guard refuses
+        try:
+            guard.before_request()
+        except GuardRefused:
+            # No request was sent: another process with these credentials spent the
+            # budget. The command waits in Kafka like every other until a reset.
+            report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
+            raise _Stopping from None
         try:
             with self.limiter.slot_blocking():
                 answer = self.client.call(endpoint, fields)
@@ -845,6 +860,20 @@ class RobicoinOrderSink:
     # -- guard -----------------------------------------------------------------------
 
     _last_guard_check = 0.0
+
+    def _admit(self) -> None:
+        """Before a command claims the ledger: until the credentials were accepted in
+        this process, re-read the shared guard (the poller may have spent the budget
+        since this sink started) and leave the command in Kafka if it refuses."""
+        guard = self._guard
+        assert guard is not None
+        if guard.verified:
+            return
+        guard.refresh()
+        publish(guard, self.ctx.metrics, self.ctx.name)
+        if guard.blocked:
+            report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
+            raise _Stopping
 
     def _check_guard_reset(self) -> None:
         assert self._guard is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -38,8 +39,8 @@ from connectors.runtime import records
 from connectors.runtime.app import RuntimeContext
 from connectors.runtime.authguard import (
     AuthGuard,
+    GuardRefused,
     GuardSpec,
-    entry_for,
     publish,
     reopen_if_reset,
     report_blocked,
@@ -254,12 +255,18 @@ class RobicoinPoller:
         spec = self.guard_spec()
         if spec is not None:
             guard_state = await asyncio.to_thread(read_state, self.ctx.kafka, spec.topic)
-            entry = entry_for(guard_state, spec)
             if self._guard is None:
-                self._guard = AuthGuard(spec, entry, self.ctx.transactions.commit, self._now_ms)
+                self._guard = AuthGuard(
+                    spec,
+                    self.transactional_id,
+                    guard_state,
+                    functools.partial(read_state, self.ctx.kafka, spec.topic),
+                    self.ctx.transactions.commit,
+                    self._now_ms,
+                )
             else:
                 # Keep this process's verdict; adopt what Kafka holds.
-                self._guard.entry = entry
+                self._guard.refresh(guard_state)
             publish(self._guard, self.ctx.metrics, self.ctx.name)
 
     async def _reload_state(self) -> None:
@@ -330,7 +337,12 @@ class RobicoinPoller:
         async with self._signed_lock:
             if guard.blocked:
                 return None
-            await asyncio.to_thread(guard.before_request)
+            try:
+                await asyncio.to_thread(guard.before_request)
+            except GuardRefused:
+                # Another process with these credentials spent the budget.
+                report_blocked(guard, self.ctx.metrics, self.ctx.name)
+                return None
             answer: Answer | None = None
             error: Exception | None = None
             async with limiter.slot():

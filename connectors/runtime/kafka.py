@@ -183,7 +183,8 @@ def ensure_topics(
 @dataclass(frozen=True)
 class OutRecord:
     topic: str
-    value: bytes
+    #: None is a tombstone (deletes the key in a compacted topic).
+    value: bytes | None
     key: bytes | None = None
     headers: Sequence[tuple[str, bytes]] = ()
     timestamp_ms: int | None = None

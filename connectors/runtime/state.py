@@ -252,9 +252,11 @@ class Transactions:
             self._discard()
 
 
-def write_record(settings: KafkaSettings, record: OutRecord, timeout_s: float = 30.0) -> None:
-    """Write one record outside any transaction and wait for the acknowledgement
-    (operator commands such as an auth-guard reset)."""
+def write_records(
+    settings: KafkaSettings, records: Sequence[OutRecord], timeout_s: float = 30.0
+) -> None:
+    """Write records outside any transaction, in order, and wait for every
+    acknowledgement (operator commands such as an auth-guard reset)."""
     try:
         producer = KafkaProducer(
             **settings.client_config(KafkaProducer), acks="all", enable_idempotence=True
@@ -264,14 +266,20 @@ def write_record(settings: KafkaSettings, record: OutRecord, timeout_s: float = 
     except KafkaError as exc:
         raise RetriableError(f"Kafka not reachable: {exc}") from exc
     try:
-        producer.send(
-            record.topic,
-            value=record.value,
-            key=record.key,
-            headers=list(record.headers),
-            timestamp_ms=record.timestamp_ms,
-        ).get(timeout=timeout_s)
-    except KafkaError as exc:
-        raise RetriableError(f"could not write to {record.topic}: {exc}") from exc
+        futures = [
+            producer.send(
+                record.topic,
+                value=record.value,
+                key=record.key,
+                headers=list(record.headers),
+                timestamp_ms=record.timestamp_ms,
+            )
+            for record in records
+        ]
+        for future, record in zip(futures, records, strict=True):
+            try:
+                future.get(timeout=timeout_s)
+            except KafkaError as exc:
+                raise RetriableError(f"could not write to {record.topic}: {exc}") from exc
     finally:
         producer.close(timeout=5)
