@@ -843,15 +843,14 @@ class RobicoinOrderSink:
             exchange=protocol.EXCHANGE,
             receive_time_ms=received_ms,
             source=NAME,
+            key=rec.key,
+            extra_headers=[
+                ("source.topic", rec.topic.encode()),
+                ("source.partition", str(rec.partition).encode()),
+                ("source.offset", str(rec.offset).encode()),
+            ],
         )
-        headers = [
-            *dl.headers,
-            ("source.topic", rec.topic.encode()),
-            ("source.partition", str(rec.partition).encode()),
-            ("source.offset", str(rec.offset).encode()),
-        ]
-        record = OutRecord(dl.topic, dl.value, rec.key, headers, dl.timestamp_ms, dl.channel)
-        self.ctx.transactions.commit([record], offsets, consumer)
+        self.ctx.transactions.commit([dl], offsets, consumer)
         for tp, off in offsets.items():
             self._committed[tp] = off
         self.ctx.metrics.dead_letters.labels(self.ctx.name, exc.reason).inc()

@@ -35,6 +35,20 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_bytes(data: bytes) -> bytes:
+    """:func:`redact` for raw bytes (dead letters keep messages as they came)."""
+    if not _secrets:
+        return data
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    mask = MASK.encode()
+    for secret in secrets:
+        needle = secret.encode("utf-8", "surrogateescape")
+        if needle in data:
+            data = data.replace(needle, mask)
+    return data
+
+
 class RedactingFormatter(logging.Formatter):
     def __init__(self, json_lines: bool) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,11 +15,13 @@ a JSON string holding the exchange's exact text; this module refuses floats.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from connectors.runtime.kafka import OutRecord
+from connectors.runtime.logs import redact, redact_bytes
 
 CONTENT_TYPE = b"application/json"
 
@@ -61,6 +63,12 @@ def headers(exchange: str, channel: str, kind: str, schema: str) -> list[tuple[s
     ]
 
 
+#: The most of an unusable message a dead letter keeps. Anything a producer could
+#: write (Kafka allows records of many MiB) must still fit in one dead letter with its
+#: headers, far below the producer's ``max_request_size`` (1 MiB by default).
+DEAD_LETTER_MAX_VALUE = 64 * 1024
+
+
 def dead_letter(
     *,
     topic: str,
@@ -70,19 +78,38 @@ def dead_letter(
     exchange: str,
     receive_time_ms: int,
     source: str,
+    key: bytes | None = None,
+    extra_headers: Sequence[tuple[str, bytes]] = (),
+    max_value: int = DEAD_LETTER_MAX_VALUE,
 ) -> OutRecord:
-    """The unusable message as it came, with why it was refused in the headers."""
-    value = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    """The unusable message as it came, with why it was refused in the headers.
+
+    Registered secrets are masked in the value and in every header (an exchange's error
+    body may echo the request's credentials). A value longer than ``max_value`` bytes
+    keeps only its first ``max_value`` bytes; the headers ``original-size``,
+    ``original-sha256`` (of the whole message as it came) and ``truncated`` say so.
+    """
+    value = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
+    size = len(value)
+    digest = hashlib.sha256(value).hexdigest()
+    value = redact_bytes(value)
+    truncated = len(value) > max_value
+    if truncated:
+        value = value[:max_value]
     return OutRecord(
         topic=topic,
         value=value,
-        key=None,
+        key=None if key is None else redact_bytes(key[:max_value]),
         headers=[
             ("error.reason", reason.encode()),
-            ("error.detail", detail[:1000].encode("utf-8", "replace")),
+            ("error.detail", redact(detail[:1000]).encode("utf-8", "replace")),
             ("exchange", exchange.encode()),
             ("source", source.encode()),
             ("receive-time-ms", str(receive_time_ms).encode()),
+            ("original-size", str(size).encode()),
+            ("original-sha256", digest.encode()),
+            ("truncated", b"true" if truncated else b"false"),
+            *((name, redact_bytes(v[:1000])) for name, v in extra_headers),
         ],
         timestamp_ms=receive_time_ms,
         channel="dead_letter",
