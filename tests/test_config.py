@@ -213,3 +213,40 @@ def test_order_sink_mistakes_are_refused(tmp_path: Path, text: str, message: str
 
     with pytest.raises(ConfigError, match=message):
         load(OrderSinkConfig, write(tmp_path, text), environ={})
+
+
+def test_an_error_quotes_a_bounded_excerpt_even_of_a_huge_shared_value() -> None:
+    """A value built from shared references (what YAML aliases give) expands to about
+    387 million strings; the error must neither format it in full nor walk it."""
+    import time
+
+    from connectors.runtime.config import build
+    from tests.utils import T
+
+    level: list[object] = ["lol"] * 9
+    for _ in range(8):
+        level = [level] * 9
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cryptomus\.markets") as info:
+        build(CryptomusConfig, {"cryptomus": {"markets": level}})
+    assert time.monotonic() - started < T(1.0)
+    message = str(info.value)
+    assert "..." in message and len(message) < 200
+
+
+def test_yaml_aliases_of_a_normal_size_still_work(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "cryptomus:\n  markets: &m [BTC_USDT, ETH_USDT]\n  balance_currencies: *m\n",
+    )
+    cfg = load(CryptomusConfig, path, environ={})
+    assert cfg.cryptomus.balance_currencies == ["BTC_USDT", "ETH_USDT"]
+
+
+def test_a_secret_given_as_a_number_is_named_not_shown(tmp_path: Path) -> None:
+    from connectors.robicoin.config import RobicoinConfig
+
+    path = write(tmp_path, "robicoin:\n  credentials: {public_id: 8675309123}\n")
+    with pytest.raises(ConfigError, match=r"robicoin\.credentials\.public_id") as info:
+        load(RobicoinConfig, path, environ={})
+    assert "8675309123" not in str(info.value)

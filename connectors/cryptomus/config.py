@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from connectors.cryptomus.protocol import CHANNELS
 from connectors.runtime.app import RuntimeSettings
-from connectors.runtime.config import Secret, read_secret
+from connectors.runtime.config import Secret, positive, read_secret
 from connectors.runtime.errors import ConfigError
 from connectors.runtime.kafka import KafkaSettings
 
@@ -91,6 +91,9 @@ class CryptomusSettings:
     topics: Topics = field(default_factory=Topics)
 
     def validate(self) -> None:
+        for name in ("ping_timeout_s", "connect_timeout_s", "request_timeout_s", "http_timeout_s"):
+            positive(f"cryptomus.{name}", getattr(self, name))
+        positive("cryptomus.max_frame_bytes", self.max_frame_bytes, "bytes")
         unknown = [c for c in self.channels if c not in CHANNELS]
         if unknown:
             raise ConfigError(

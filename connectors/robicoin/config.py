@@ -10,7 +10,7 @@ from connectors.robicoin.client import Credentials
 from connectors.robicoin.protocol import TICKER_WINDOWS
 from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.authguard import fingerprint
-from connectors.runtime.config import Secret, read_secret
+from connectors.runtime.config import Secret, excerpt, positive, read_secret
 from connectors.runtime.errors import ConfigError
 from connectors.runtime.kafka import KafkaSettings
 
@@ -100,6 +100,11 @@ class RateLimitSettings:
     other: Limit = field(default_factory=lambda: Limit(1, 0.1))
     share: AccountShare = field(default_factory=AccountShare)
 
+    def validate(self) -> None:
+        if self.margin is not None and self.margin < 0:
+            # Less than the exchange's window would exceed its limit.
+            raise ConfigError("robicoin.rate_limit.margin must be >= 0")
+
     def margin_for(self, shared: bool) -> float:
         if self.margin is not None:
             return self.margin
@@ -115,6 +120,7 @@ class AuthGuardSettings:
     recheck_s: float = 5.0
 
     def validate(self) -> None:
+        positive("robicoin.auth_guard.recheck_s", self.recheck_s)
         if not 1 <= self.limit <= 5:
             raise ConfigError(
                 "robicoin.auth_guard.limit must be between 1 and 5 (the exchange blocks "
@@ -184,9 +190,15 @@ class AccountSettings:
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"robicoin.timezone: unknown zone {self.timezone!r}") from None
+            raise ConfigError(f"robicoin.timezone: unknown zone {excerpt(self.timezone)}") from None
+        positive("robicoin.request_timeout_s", self.request_timeout_s)
+        positive("robicoin.connect_timeout_s", self.connect_timeout_s)
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError("robicoin.base_url must be an http(s) URL")
+        for name in ("ticker", "other"):
+            if getattr(self.rate_limit, name).count < 1:
+                # A budget of no requests could never send anything.
+                raise ConfigError(f"robicoin.rate_limit.{name}.count must be at least 1")
         if self.rate_limit.ticker.count > 10 or self.rate_limit.ticker.window_s < 0.1:
             raise ConfigError("robicoin.rate_limit.ticker: the exchange allows 10 per 100 ms")
         if self.rate_limit.other.count > 1 or self.rate_limit.other.window_s < 0.1:

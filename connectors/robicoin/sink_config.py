@@ -7,7 +7,7 @@ from decimal import Decimal, InvalidOperation
 
 from connectors.robicoin.config import AccountSettings, AccountShare, RateLimitSettings
 from connectors.runtime.app import RuntimeSettings
-from connectors.runtime.config import Secret, read_secret
+from connectors.runtime.config import Secret, excerpt, positive, read_secret
 from connectors.runtime.errors import ConfigError
 from connectors.runtime.kafka import KafkaSettings
 
@@ -18,7 +18,7 @@ def _positive_decimal(text: str, where: str) -> Decimal:
     try:
         value = Decimal(text)
     except InvalidOperation:
-        raise ConfigError(f"{where}: {text!r} is not a decimal") from None
+        raise ConfigError(f"{where}: {excerpt(text)} is not a decimal") from None
     if not value.is_finite() or value <= 0:
         raise ConfigError(f"{where}: must be a positive decimal")
     return value
@@ -84,6 +84,15 @@ class ConsumerSettings:
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
+
+    def validate(self) -> None:
+        for name in ("max_poll_interval_ms", "session_timeout_ms", "heartbeat_interval_ms"):
+            positive(f"robicoin.consumer.{name}", getattr(self, name), "milliseconds")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            # kafka-python refuses this when the consumer starts.
+            raise ConfigError(
+                "robicoin.consumer.heartbeat_interval_ms must be shorter than session_timeout_ms"
+            )
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.runtime.backoff import Backoff
+from connectors.runtime.config import excerpt, positive
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.health import HealthServer, HealthState
 from connectors.runtime.kafka import Delivery, KafkaSettings, ensure_topics
@@ -46,7 +47,10 @@ class RuntimeSettings:
 
     def validate(self) -> None:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"runtime.log_level: unknown level {self.log_level!r}")
+            raise ConfigError(f"runtime.log_level: unknown level {excerpt(self.log_level)}")
+        if not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"runtime.health_port: {self.health_port} is not in 0..65535")
+        positive("runtime.drain_timeout_s", self.drain_timeout_s)
 
 
 @dataclass
@@ -163,15 +167,22 @@ async def run_connector(
     """Run ``plugin`` with ``config`` until stopped; returns the process exit code."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
     runtime: RuntimeSettings = config.runtime
     kafka: KafkaSettings = config.kafka
     metrics = Metrics()
     health = HealthState()
     metrics.ready.labels(plugin.name).set_function(lambda: 1.0 if health.ready() else 0.0)
-    server = HealthServer(health, metrics, runtime.health_host, runtime.health_port).start()
+    try:
+        server = HealthServer(health, metrics, runtime.health_host, runtime.health_port).start()
+    except ConfigError as exc:  # the port is taken
+        log.error("%s: configuration error: %s", plugin.name, exc)
+        refused = RunResult(EXIT_CONFIG, None, str(exc))
+        if started is not None and not started.done():
+            started.set_result(refused)
+        return refused
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     result = RunResult(EXIT_OK, server.port)
     log.info("%s: health and metrics on port %d", plugin.name, server.port)
     if started is not None and not started.done():

@@ -5,12 +5,21 @@ typo is an error (``unknown key 'bootsrap_servers' at kafka``), never a silent d
 
 Environment overrides use ``EXCHANGE_CONNECTORS__<SECTION>__<KEY>=value`` (values are
 parsed as YAML scalars/lists), plus the common ``KAFKA_BOOTSTRAP_SERVERS``.
+
+Error messages quote at most :data:`EXCERPT_CHARS` characters of an offending value
+(:func:`excerpt`), and never any part of a :class:`Secret` field's value, whatever its
+type: a config error is logged, and logs are read by more people than the secrets' owner.
+YAML aliases are allowed, but the whole document, once aliases are expanded, may hold
+at most :data:`MAX_VALUES` values: a "billion laughs" file is refused in milliseconds
+instead of being walked (or printed) in full.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -24,6 +33,83 @@ from connectors.runtime.errors import ConfigError
 ENV_PREFIX = "EXCHANGE_CONNECTORS__"
 
 T = TypeVar("T")
+
+#: The longest excerpt of an offending value an error message shows.
+EXCERPT_CHARS = 80
+#: Values (scalars, lists, mappings) a whole config may hold once YAML aliases are
+#: expanded. A real config holds a few hundred; far more means an alias bomb.
+MAX_VALUES = 100_000
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = EXCERPT_CHARS
+_repr.maxother = EXCERPT_CHARS
+_repr.maxlong = 40
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 5
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)`` cut to :data:`EXCERPT_CHARS`, in bounded work (a huge or deeply
+    nested value is never formatted in full)."""
+    text = _repr.repr(value)
+    if len(text) > EXCERPT_CHARS:
+        text = text[: EXCERPT_CHARS - 3] + "..."
+    return text
+
+
+def positive(where: str, value: float, unit: str = "seconds") -> None:
+    """Refuse a duration or count that cannot work unless it is above zero."""
+    if not value > 0:
+        raise ConfigError(f"{where} must be a positive number of {unit} (got {excerpt(value)})")
+
+
+def _check_size(data: Any, what: str) -> None:
+    """Refuse a document that expands (through YAML aliases) beyond :data:`MAX_VALUES`.
+
+    Counts every value as the config would be walked, stopping at the limit, so the
+    cost is bounded whatever the aliases expand to (recursive aliases included).
+    """
+    stack = [data]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(
+                f"{what} holds more than {MAX_VALUES} values once YAML aliases are expanded "
+                "(an alias bomb?); write it without aliases"
+            )
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    """What is wrong and where, without PyYAML's quote of the line (it may hold a secret)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)[:EXCERPT_CHARS] or type(exc).__name__
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _holds_secret(tp: Any) -> bool:
+    return tp is Secret or any(_holds_secret(arg) for arg in get_args(tp))
 
 
 class Secret:
@@ -82,6 +168,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if _holds_secret(tp) and not isinstance(value, str | Secret) and value is not None:
+        # Never a word of the value: a number or a list given here is still the secret.
+        raise ConfigError(
+            f"{where}: expected a string (quote it), got {_kind(value)}; "
+            "the value is a secret and is not shown"
+        )
     if origin in (Union, types.UnionType):
         errors = []
         for option in get_args(tp):
@@ -93,12 +185,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(option, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} is none of {_type_name(tp)}")
+        raise ConfigError(f"{where}: {excerpt(value)} is none of {_type_name(tp)}")
     if origin is Literal:
         if value in get_args(tp):
             return value
         allowed = ", ".join(repr(a) for a in get_args(tp))
-        raise ConfigError(f"{where}: {value!r} is not one of {allowed}")
+        raise ConfigError(f"{where}: {excerpt(value)} is not one of {allowed}")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
@@ -118,15 +210,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {excerpt(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {excerpt(value)}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {excerpt(value)}")
             return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {excerpt(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -150,10 +244,10 @@ def build(cls: type[T], data: Any, where: str = "") -> T:
     assert dataclasses.is_dataclass(cls)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((set(data) - set(fields)), key=str)
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{label}: unknown key {unknown[0]!r} (known: {known})")
+        raise ConfigError(f"{label}: unknown key {excerpt(unknown[0])} (known: {known})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
@@ -180,7 +274,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError, ValueError):
             value = raw
         if (
             isinstance(value, int | float)
@@ -221,9 +315,15 @@ def load(
             ) from None
         try:
             data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {exc}") from None
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            # ValueError: an integer beyond Python's digit limit; RecursionError: nesting.
+            raise ConfigError(
+                f"config file {os.fspath(path)!r} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {os.fspath(path)!r} must hold a mapping")
-    data = merge(data, env_overrides(os.environ if environ is None else environ))
+        _check_size(data, f"config file {os.fspath(path)!r}")
+    overrides = env_overrides(os.environ if environ is None else environ)
+    _check_size(overrides, "the environment overrides")
+    data = merge(data, overrides)
     return build(cls, data)

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from connectors.runtime.errors import ConfigError
 from connectors.runtime.metrics import Metrics
 
 
@@ -101,7 +102,13 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every few seconds would drown the logs
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # in use, or a host this machine does not have
+            raise ConfigError(
+                f"runtime.health_port: cannot listen on {host}:{port}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="health-http", daemon=True

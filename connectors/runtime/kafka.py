@@ -29,7 +29,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConfigurationError, KafkaError, TopicAlreadyExistsError
 
-from connectors.runtime.config import Secret
+from connectors.runtime.config import Secret, excerpt, positive
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.metrics import Metrics
 
@@ -48,6 +48,8 @@ _OWNED = {
 _SECRET_HINTS = ("password", "token", "secret")
 #: ``kafka.producer_backend`` values; transactions always use kafka-python.
 PRODUCER_BACKENDS = ("kafka-python", "confluent-kafka")
+#: What kafka-python connects with (transactions always use it, so its spelling).
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,27 @@ class KafkaSettings:
                     f"kafka.client.{key} is set by the connector and cannot be changed"
                 )
             if key not in allowed:
-                raise ConfigError(f"kafka.client: unknown kafka-python setting {key!r}")
+                raise ConfigError(f"kafka.client: unknown kafka-python setting {excerpt(key)}")
+            wrong_type = isinstance(self.client[key], int | float | list | tuple | dict)
+            if wrong_type and any(h in key for h in _SECRET_HINTS):
+                raise ConfigError(
+                    f"kafka.client.{key}: expected a string (quote it); "
+                    "the value is a secret and is not shown"
+                )
+        protocol = self.client.get("security_protocol", "PLAINTEXT")
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"kafka.client.security_protocol: {excerpt(protocol)} is not one of "
+                f"{', '.join(SECURITY_PROTOCOLS)}"
+            )
+        for name in ("topic_partitions", "replication_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"kafka.{name} must be at least 1")
+        positive("kafka.stall_after_s", self.stall_after_s)
+        positive("kafka.delivery_timeout_ms", self.delivery_timeout_ms, "milliseconds")
+        positive("kafka.request_timeout_ms", self.request_timeout_ms, "milliseconds")
+        if self.linger_ms < 0:
+            raise ConfigError("kafka.linger_ms must be >= 0")
         if self.max_buffered_records < 1:
             raise ConfigError("kafka.max_buffered_records must be at least 1")
         if self.stall_after_s * 1000 >= self.delivery_timeout_ms:
@@ -89,7 +111,7 @@ class KafkaSettings:
         if self.producer_backend not in PRODUCER_BACKENDS:
             allowed_backends = ", ".join(repr(b) for b in PRODUCER_BACKENDS)
             raise ConfigError(
-                f"kafka.producer_backend: {self.producer_backend!r} is not one of "
+                f"kafka.producer_backend: {excerpt(self.producer_backend)} is not one of "
                 f"{allowed_backends}"
             )
         if self.producer_backend == "confluent-kafka":
