@@ -374,14 +374,29 @@ def row_fingerprint(row: Any) -> str:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a ``last N rows`` stream stands: the newest row time written so far and how
-    many rows of each fingerprint were written at exactly that time (identical rows are
-    legal: two equal fills in one second). ``timeless``: fingerprints of recent rows
-    without a usable time, already handed out once (to the dead-letter topic)."""
+    """Where a ``last N rows`` stream stands.
+
+    ``newest``: the newest row time written so far (None: no row yet; with
+    ``tail == ()`` an answer was read and was empty). ``tail``: the fingerprints of the
+    rows at that time in the last answer, oldest first, in the exchange's order (rows
+    may be identical: two equal fills in one second); ``tail_complete``: that answer
+    showed every row of that second (it reached back past it, or was not full).
+    ``seen``: the same rows counted by fingerprint, as the previous version stored
+    them (a cursor stored by it has no ``tail``; it is still read, and it is still
+    written so that a downgrade reads this one). ``timeless``: fingerprints of recent
+    rows without a usable time, already handed out once (to the dead-letter topic).
+
+    Stored form (the state topic)::
+
+        {"newest": "2026-01-01 10:00:04", "seen": {"3f2a...": 2},
+         "tail": ["3f2a...", "3f2a..."], "tail_complete": false}
+    """
 
     newest: str | None = None
     seen: Mapping[str, int] = field(default_factory=dict)
     timeless: tuple[str, ...] = ()
+    tail: tuple[str, ...] | None = None
+    tail_complete: bool = False
 
     #: Rows without a usable time remembered (a bounded list, newest last).
     TIMELESS_KEPT = 100
@@ -390,6 +405,9 @@ class Cursor:
         out: dict[str, Any] = {"newest": self.newest, "seen": dict(sorted(self.seen.items()))}
         if self.timeless:
             out["timeless"] = list(self.timeless)
+        if self.tail is not None:
+            out["tail"] = list(self.tail)
+            out["tail_complete"] = self.tail_complete
         return out
 
     @classmethod
@@ -397,6 +415,8 @@ class Cursor:
         newest = value.get("newest")
         seen = value.get("seen") or {}
         timeless = value.get("timeless") or []
+        tail = value.get("tail")
+        complete = value.get("tail_complete", False)
         if newest is not None and not isinstance(newest, str):
             raise ValueError("cursor.newest must be a string")
         if not isinstance(seen, dict) or not all(
@@ -405,7 +425,15 @@ class Cursor:
             raise ValueError("cursor.seen must map fingerprints to counts")
         if not isinstance(timeless, list) or not all(isinstance(k, str) for k in timeless):
             raise ValueError("cursor.timeless must be a list of fingerprints")
-        return cls(newest, dict(seen), tuple(timeless))
+        if tail is not None and (
+            not isinstance(tail, list) or not all(isinstance(k, str) for k in tail)
+        ):
+            raise ValueError("cursor.tail must be a list of fingerprints")
+        if not isinstance(complete, bool):
+            raise ValueError("cursor.tail_complete must be a boolean")
+        return cls(
+            newest, dict(seen), tuple(timeless), None if tail is None else tuple(tail), complete
+        )
 
 
 @dataclass(frozen=True)
@@ -414,8 +442,9 @@ class Advance:
 
     new_rows: list[Any]
     cursor: Cursor
-    #: True when the window was full and did not reach back past the cursor's second:
-    #: rows may have been missed between the two polls.
+    #: True when rows may have been missed between the two polls: the window was full,
+    #: held nothing older than the cursor's second, and where the rows already written
+    #: end in it could not be told for sure (see :func:`advance`).
     gap: bool
 
 
@@ -426,17 +455,80 @@ def _row_time(row: Any, time_field: str) -> str | None:
     return value
 
 
+def _counted(seen: Mapping[str, int], fps: Sequence[str]) -> list[bool]:
+    """Which of ``fps`` (oldest first) were written before, by count: among identical
+    rows the older ones are the ones already written."""
+    at: Counter[str] = Counter()
+    old = []
+    for fp in fps:
+        at[fp] += 1
+        old.append(at[fp] <= seen.get(fp, 0))
+    return old
+
+
+def _overlaps(before: Sequence[str], now: Sequence[str]) -> list[int]:
+    """Every ``j`` > 0, longest first, for which the last ``j`` rows of ``before`` are
+    the first ``j`` rows of ``now`` (both oldest first)."""
+    longest = min(len(before), len(now))
+    return [j for j in range(longest, 0, -1) if list(before[len(before) - j :]) == list(now[:j])]
+
+
+#: The largest chance that new rows merely repeat the rows written last which an
+#: overlap may have and still be trusted (see :func:`coincidence`).
+COINCIDENCE = 1e-6
+
+
+def coincidence(before: Sequence[str], now: Sequence[str], j: int) -> float:
+    """The chance that the first ``j`` rows of ``now`` are *new* rows that happen to
+    repeat the last ``j`` rows of ``before``, judged by how often each of them occurs
+    among that second's rows (the previous answer's plus the ones new if the overlap is
+    right): rows that recur (equal fills) are weak evidence, distinct ones strong.
+
+    >>> round(coincidence(["a", "b", "c"], ["b", "c", "d"], 2), 3)  # 4 rows, b and c once
+    0.062
+    """
+    rows = Counter([*before, *now[j:]])
+    total = sum(rows.values())
+    chance = 1.0
+    for fp in now[:j]:
+        chance *= rows[fp] / total
+    return chance
+
+
 def advance(
-    cursor: Cursor, rows: Sequence[Any], time_field: str, window: int = WINDOW_ROWS
+    cursor: Cursor,
+    rows: Sequence[Any],
+    time_field: str,
+    window: int = WINDOW_ROWS,
+    *,
+    append_only: bool = True,
 ) -> Advance:
     """Which rows of a newest-first ``last N`` answer are new, oldest first.
 
-    ``YYYY-MM-DD HH:MM:SS`` text sorts like the time it names, so times are compared
-    as text (same zone throughout). A row is new when it is newer than the cursor, or
-    at the cursor's time but beyond the count of identical rows already written.
-    Rows older than the cursor were written before (or left the window unseen: that is
-    what the gap flag is for). A row without a usable time cannot be placed: it is new
-    once (the caller dead-letters it) and never moves the cursor.
+    ``YYYY-MM-DD HH:MM:SS`` text sorts like the time it names, so times are compared as
+    text (same zone throughout). Rows newer than the cursor's second are new; rows older
+    than it were written before (or left the window unseen: that is what the gap flag
+    is for). Rows *at* the cursor's second ``T`` are told apart as follows:
+
+    * The answer reaches back past ``T``, or is not full: it shows every row of ``T``,
+      and so did the previous answer (``tail_complete``). The old ones are those the
+      cursor holds, counted by fingerprint. Order is not needed.
+    * The answer is full and starts at ``T``: it may have cut rows of ``T``. The rows
+      already written are the longest run that ends the previous answer's ``T`` rows and
+      starts this one's (``append_only``: rows are only ever added, newest first, so the
+      rows written last must be where the new ones start). Found, unique and too long
+      to be a coincidence (:func:`coincidence`), it is trusted: every row after it is
+      new, whatever it equals. Otherwise the answer cannot say how many rows arrived
+      (more than a window of new rows may merely repeat the rows written last, e.g. a
+      run of equal fills that went on; no overlap: everything shown is new) and it is a
+      **gap**: the rows after the longest overlap are written (never a row twice), and
+      the caller says that rows may be missing.
+
+    ``append_only=False`` (the market's open orders: rows leave the list, older ones
+    scroll in) uses the longest overlap when there is one and counting otherwise.
+
+    A row without a usable time cannot be placed: it is new once (the caller
+    dead-letters it) and never moves the cursor.
     """
     timed: list[tuple[str, str, Any]] = []
     timeless = list(cursor.timeless)
@@ -451,39 +543,61 @@ def advance(
         else:
             timed.append((t, fp, r))
     kept = tuple(timeless[-Cursor.TIMELESS_KEPT :])
-    if cursor.newest is None:
-        first = max((t for t, _, _ in timed), default=None)
-        counts = Counter(fp for t, fp, _ in timed if t == first)
-        new.extend(r for _, _, r in timed)
-        return Advance(new, Cursor(first, dict(counts), kept), gap=False)
+    full = len(rows) >= window
+    times = [t for t, _, _ in timed]
 
-    at_cursor: Counter[str] = Counter()
-    reaches_back = False
-    # Oldest first, so that among identical rows the *older* ones count as seen.
-    for t, fp, r in timed:
-        if t < cursor.newest:
-            reaches_back = True
-        elif t == cursor.newest:
-            at_cursor[fp] += 1
-            if at_cursor[fp] > cursor.seen.get(fp, 0):
-                new.append(r)
-        else:
-            new.append(r)
-    newest = max([cursor.newest, *(t for t, _, _ in timed)])
-    seen: dict[str, int]
-    if newest == cursor.newest:
-        merged = Counter(cursor.seen)
-        for fp, n in at_cursor.items():
-            merged[fp] = max(merged[fp], n)
-        seen = dict(merged)
+    def after(answer_newest: str) -> Cursor:
+        tail = tuple(fp for t, fp, _ in timed if t == answer_newest)
+        complete = not full or any(t < answer_newest for t in times)
+        return Cursor(answer_newest, dict(Counter(tail)), kept, tail, complete)
+
+    if cursor.newest is None:
+        # The first answer, or the first with rows after empty ones (``tail == ()``):
+        # then a full window may have cut rows that arrived since.
+        new.extend(r for _, _, r in timed)
+        first = max(times, default=None)
+        empty = Cursor(timeless=kept, tail=())
+        gap = cursor.tail is not None and full and bool(timed)
+        return Advance(new, after(first) if first else empty, gap)
+
+    newest = cursor.newest
+    at_t = [fp for t, fp, _ in timed if t == newest]
+    reaches_back = any(t < newest for t in times)
+    gap = False
+    if reaches_back or not full:
+        # Every row of T is on screen now, and was last time: count.
+        seen = cursor.seen if cursor.tail is None else Counter(cursor.tail)
+        old_at_t = _counted(seen, at_t)
+    elif cursor.tail is None:
+        # A cursor stored by the previous version: no order known; count, and as that
+        # version did, call a full window that starts at T a gap.
+        old_at_t = _counted(cursor.seen, at_t)
+        gap = True
     else:
-        seen = dict(Counter(fp for t, fp, _ in timed if t == newest))
-    # Only a window that is not full, or that reaches back past the cursor's second,
-    # provably holds every row since the cursor. A full window that starts at the
-    # cursor's second may have cut rows of that second, and rows can be identical, so
-    # counting cannot tell old from new there: say so rather than guess.
-    gap = len(rows) >= window and not reaches_back
-    return Advance(new, Cursor(newest, seen, kept), gap)
+        fits = _overlaps(cursor.tail, at_t)
+        if fits:
+            j = fits[0]
+            old_at_t = [i < j for i in range(len(at_t))]
+            chance = coincidence(cursor.tail, at_t, j)
+            gap = len(fits) > 1 or chance > COINCIDENCE
+        elif append_only:
+            old_at_t = [False] * len(at_t)  # nothing written is left on screen
+            gap = True
+        else:
+            old_at_t = _counted(Counter(cursor.tail), at_t)
+            gap = not any(old_at_t)
+    flags = iter(old_at_t)
+    for t, _, r in timed:
+        if t > newest or (t == newest and not next(flags)):
+            new.append(r)
+    answer_newest = max(times, default=newest)
+    if answer_newest > newest:
+        moved = after(answer_newest)
+    elif at_t:
+        moved = after(newest)
+    else:  # nothing of T on screen any more (orders left): keep what is known of T
+        moved = Cursor(newest, cursor.seen, kept, cursor.tail, cursor.tail_complete)
+    return Advance(new, moved, gap)
 
 
 # -- change detection (balance, open-order) ---------------------------------------------

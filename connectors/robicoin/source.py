@@ -498,7 +498,8 @@ class RobicoinPoller:
         except ValueError:
             log.error("%s: stored cursor unreadable; starting afresh", stream.name)
             cursor = Cursor()
-        step = protocol.advance(cursor, rows, "created_at")
+        # Market orders leave the list (filled, cancelled): only transactions are append-only.
+        step = protocol.advance(cursor, rows, "created_at", append_only=stream.name != "order")
         out: list[OutRecord] = []
         state: dict[str, Any] = {key: step.cursor.to_json()}
         if step.gap:
@@ -516,16 +517,17 @@ class RobicoinPoller:
         self.ctx.metrics.gaps.labels(self.ctx.name, "window_overflow").inc()
         self._epoch = max(self._epoch + 1, now_ms)
         log.warning(
-            "%s: %d new rows and none seen before: some rows may have been missed "
-            "(poll more often); writing gap markers",
+            "%s: a full window of %d rows that does not show where the rows already written "
+            "end: some rows may have been missed (poll more often); writing gap markers",
             stream.name,
             rows,
         )
         data = {
             "reason": "window_overflow",
             "detail": (
-                f"the exchange returned a full window of {rows} rows, all newer than the "
-                f"last row written ({cursor.newest}); rows in between may be missing"
+                f"the exchange returned a full window of {rows} rows, none older than the "
+                f"last row written ({cursor.newest}) and not enough of those written to "
+                "tell where they end; rows in between may be missing"
             ),
             "previous_newest": cursor.newest,
         }
