@@ -130,6 +130,12 @@ class CryptomusSource:
         self._pending: dict[str, asyncio.Future[protocol.Reply]] = {}
         self._pings: dict[str, float] = {}
         self._lag: dict[str, Any] = {}
+        #: This connection's subscriptions were answered / an update arrived on it.
+        self._subscribed = False
+        self._data_seen = False
+        #: Time not connected-and-subscribed: finished outages, and when this one began.
+        self._down_s = 0.0
+        self._down_since: float | None = None
 
     def topics(self) -> dict[str, dict[str, str]]:
         names = [self._topic[ch] for ch in self.settings.channels]
@@ -178,6 +184,9 @@ class CryptomusSource:
         self.ctx = ctx
         m = ctx.metrics
         m.track_last_message(ctx.name, lambda: self.last_message)
+        self.rest.on_answer = partial(m.observe_request, ctx.name)
+        self._down_since = self._monotonic()
+        m.disconnected_seconds.track(ctx.name, self._disconnected_s)
         # Series that alerts use exist at 0 from the start, so rate()/increase() see
         # the first reconnect instead of a series born at 1.
         m.connected.labels(ctx.name).set(0)
@@ -203,6 +212,7 @@ class CryptomusSource:
                 await self._wait_for_kafka(ctx)
                 continue
             opened = self._monotonic()
+            self._subscribed = self._data_seen = False
             try:
                 ended = await self._session(ctx, reason)
             except (AuthError, FatalError):
@@ -217,16 +227,26 @@ class CryptomusSource:
                 ctx.health.set("connected", False)
                 ctx.health.set("subscribed", False)
                 m.connected.labels(ctx.name).set(0)
+                if self._down_since is None:
+                    self._down_since = self._monotonic()
             if ctx.stop.is_set():
                 break
             m.reconnects.labels(ctx.name, ended).inc()
             reason = ended
-            if self._monotonic() - opened >= s.healthy_after_s:
+            # A connection that was subscribed and streamed data proved the exchange
+            # works, however short it was: start the back-off again. Failed handshakes,
+            # refused subscriptions and connections that die before any data keep
+            # growing it. A long quiet connection (private channels) counts too.
+            streamed = self._subscribed and self._data_seen
+            if streamed or self._monotonic() - opened >= s.healthy_after_s:
                 backoff.reset()
             if ended == "kafka_unavailable":
                 await self._wait_for_kafka(ctx)
                 continue
-            delay = backoff.next_delay()
+            # Attempts are spaced start to start: time already spent in this one (a token
+            # call cut at its deadline) counts towards the wait.
+            spent = self._monotonic() - opened
+            delay = max(backoff.next_delay() - spent, s.backoff_initial_s / 10)
             log.info("reconnecting in %.2fs (previous connection ended: %s)", delay, ended)
             await self._sleep(ctx, delay)
 
@@ -240,6 +260,10 @@ class CryptomusSource:
             await self._sleep(ctx, 0.2)
         if not ctx.stop.is_set():
             log.info("Kafka caught up; reconnecting to the exchange")
+
+    def _disconnected_s(self) -> float:
+        since = self._down_since
+        return self._down_s + (0.0 if since is None else max(0.0, self._monotonic() - since))
 
     def _fresh(self) -> bool:
         return (
@@ -280,6 +304,10 @@ class CryptomusSource:
                 # before the subscribe answers, and they belong to the new epoch.
                 self._start_epoch(reason)
                 await self._subscribe_all(ws)
+                self._subscribed = True
+                if self._down_since is not None:
+                    self._down_s += max(0.0, self._monotonic() - self._down_since)
+                    self._down_since = None
                 ctx.health.set("subscribed", True)
                 ctx.metrics.connected.labels(ctx.name).set(1)
                 return await self._supervise(ws, reader)
@@ -457,6 +485,7 @@ class CryptomusSource:
             self._dead_letter(raw, exc, now_ms)
             return
         if isinstance(frame, protocol.Update):
+            self._data_seen = True
             self._produce(frame, now_ms)
         else:
             self._on_reply(frame)

@@ -28,18 +28,21 @@ from connectors.runtime.errors import (
     RejectedError,
     RetriableError,
 )
-from connectors.runtime.logs import redact
+from connectors.runtime.http import DeadlineExceeded, Fetched, fetch, install
+from connectors.runtime.logs import MASK, redact
 
 log = logging.getLogger(__name__)
 
 #: Local clock this far from the server's ``Date`` header → sign with server time.
 MAX_CLOCK_SKEW_S = 2.0
+#: Longest answer body read; a longer one comes back cut, as a ``too_large`` bad message.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class RequestFailed(RetriableError):
     """A transient failure. ``maybe_executed``: the request may have reached the exchange
-    (read timeout, reset after sending, 5xx), so a non-idempotent call must not be
-    repeated blindly."""
+    (read timeout, the call's deadline passed after sending, reset after sending, 5xx),
+    so a non-idempotent call must not be repeated blindly."""
 
     def __init__(self, message: str, *, maybe_executed: bool, rate_limited: bool = False) -> None:
         super().__init__(message)
@@ -48,7 +51,7 @@ class RequestFailed(RetriableError):
 
 
 class NotFoundError(RejectedError):
-    """404/405: a wrong base URL for polls; "already gone" for delete-order."""
+    """404/405: a wrong base URL for polls; for delete-order, open-order decides."""
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,17 @@ class RobicoinClient:
         connect_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
         on_answer: Callable[[Endpoint, str, float], None] | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        """``timeout_s`` is the whole call's deadline: connect, send, and the complete
+        answer (at most ``max_body_bytes`` of it); ``connect_timeout_s`` bounds the
+        connect alone."""
         self.base_url = base_url.rstrip("/")
         self._credentials = credentials
-        self._session = session or requests.Session()
-        self._timeout = (connect_timeout_s, timeout_s)
+        self._session = install(session or requests.Session())
+        self._deadline_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._max_body_bytes = max_body_bytes
         self._clock = clock
         self._on_answer = on_answer
         self.clock_offset_s = 0.0
@@ -98,7 +107,7 @@ class RobicoinClient:
     def _now_s(self) -> int:
         return int(self._clock() + self.clock_offset_s)
 
-    def _learn_clock(self, response: requests.Response) -> None:
+    def _learn_clock(self, response: Fetched) -> None:
         date = response.headers.get("Date")
         if not date:
             return
@@ -126,6 +135,7 @@ class RobicoinClient:
         """
         url = f"{self.base_url}/{endpoint.path}"
         started = time.monotonic()
+        signature: str | None = None
         try:
             if endpoint.signed:
                 if self._credentials is None:
@@ -133,9 +143,14 @@ class RobicoinClient:
                 c = self._credentials
                 body = auth_fields(c.public_key, c.public_id, c.private_key, self._now_s())
                 body.update(fields or {})
-                response = self._session.post(url, data=body, timeout=self._timeout)
+                signature = body["hash"]
+                response = self._fetch("POST", url, body)
             else:
-                response = self._session.get(url, timeout=self._timeout)
+                response = self._fetch("GET", url, None)
+        except DeadlineExceeded as exc:
+            self._report(endpoint, "retriable", started)
+            # Cut after the request went out: the exchange may have acted on it.
+            raise RequestFailed(f"{endpoint.name}: {exc}", maybe_executed=exc.sent) from None
         except requests.ConnectTimeout as exc:
             self._report(endpoint, "retriable", started)
             raise RequestFailed(
@@ -158,11 +173,21 @@ class RobicoinClient:
             ) from None
         elapsed = time.monotonic() - started
         self._learn_clock(response)
-        text = response.text
-        outcome = protocol.classify(endpoint, response.status_code, text)
+        # An answer may echo the request: mask this request's signature before anything
+        # (a dead letter, a log line, a parsed row) holds it. Registered secrets are
+        # masked where text leaves as diagnostics (logs, errors, dead letters), never
+        # in data: a short numeric public id would corrupt prices.
+        text = response.text if signature is None else response.text.replace(signature, MASK)
+        status = response.status_code
+        if response.truncated and status < 300:
+            # Not JSON we can trust, and not worth holding: the caller dead-letters the
+            # prefix (the poller) or reads the exchange's state (a create-order).
+            self._report(endpoint, "ok", started)
+            detail = f"{endpoint.name}: answer larger than {self._max_body_bytes} bytes"
+            return Answer(None, text, elapsed, BadMessage("too_large", detail))
+        outcome = protocol.classify(endpoint, status, text)
         self._report(endpoint, outcome.value, started)
         message = redact(protocol.error_message(text))
-        status = response.status_code
         if outcome is Outcome.RATE_LIMITED:
             raise RequestFailed(
                 f"{endpoint.name}: HTTP 429 {message}", maybe_executed=False, rate_limited=True
@@ -181,6 +206,17 @@ class RobicoinClient:
             bad = BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON")
             return Answer(None, text, elapsed, bad)
         return Answer(payload, text, elapsed)
+
+    def _fetch(self, method: str, url: str, body: Mapping[str, str] | None) -> Fetched:
+        return fetch(
+            self._session,
+            method,
+            url,
+            data=body,
+            deadline_s=self._deadline_s,
+            connect_timeout_s=self._connect_timeout_s,
+            max_body_bytes=self._max_body_bytes,
+        )
 
     def _report(self, endpoint: Endpoint, outcome: str, started: float) -> None:
         if self._on_answer is not None:

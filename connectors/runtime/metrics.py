@@ -7,12 +7,36 @@ misbehaving exchange can never blow up the series count. No ids, no free text.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+class ReadCounter:
+    """A counter per connector whose value is read at scrape time from a function that
+    never decreases (so time still running, such as an outage under way, is counted)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name.removesuffix("_total")
+        self._doc = documentation
+        self._reads: dict[str, Callable[[], float]] = {}
+        registry.register(self)
+
+    def track(self, connector: str, read: Callable[[], float]) -> None:
+        self._reads[connector] = read
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=["connector"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=["connector"])
+        for connector, read in list(self._reads.items()):
+            family.add_metric([connector], read())
+        yield family
 
 
 class Metrics:
@@ -88,6 +112,12 @@ class Metrics:
             "connector_connected",
             "1 while connected to the exchange and subscribed.",
             ["connector"],
+            registry=r,
+        )
+        self.disconnected_seconds = ReadCounter(
+            "connector_disconnected_seconds_total",
+            "Seconds the source was not connected and subscribed to the exchange "
+            "(from its start; an outage under way included).",
             registry=r,
         )
         self.ready = Gauge(
