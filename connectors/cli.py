@@ -8,7 +8,10 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from connectors import __version__
 from connectors.runtime import config as config_mod
@@ -31,6 +34,10 @@ def _cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+#: How long an exiting process waits for worker threads still in a call.
+EXIT_GRACE_S = 2.0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
         plugin = plugins.get(args.connector)
@@ -40,7 +47,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG
     setup_logging(cfg.runtime.log_level, cfg.runtime.log_json)
-    result = asyncio.run(run_connector(plugin, cfg))
+    loop = asyncio.new_event_loop()
+    workers = ThreadPoolExecutor(thread_name_prefix="connector-io")
+    loop.set_default_executor(workers)
+    result = loop.run_until_complete(run_connector(plugin, cfg))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    # Idle worker threads end at once; one still blocked in a call (an HTTP answer, a
+    # Kafka read) must not hold the process past its grace period, as asyncio.run
+    # would. run_connector has already flushed, committed or reported all it took.
+    workers.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + EXIT_GRACE_S
+    busy = []
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            busy.append(thread.name)
+    if busy:
+        log.warning("exiting with %d worker thread(s) still in a call", len(busy))
+        logging.shutdown()
+        os._exit(result.exit_code)
+    loop.close()
     return result.exit_code
 
 

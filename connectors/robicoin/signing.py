@@ -24,6 +24,12 @@ def sign(public_key: str, public_id: str, time_s: int, private_key: str) -> str:
     return _md5(f"{public_key}{public_id}{time_s}{_md5(private_key)}")
 
 
+def secret_values(public_key: str, public_id: str, private_key: str) -> tuple[str, ...]:
+    """Everything that must never be shown: the three credentials, and
+    ``md5(private_key)``, which is all a forger needs to sign (see :func:`sign`)."""
+    return (private_key, _md5(private_key), public_key, public_id)
+
+
 def auth_fields(public_key: str, public_id: str, private_key: str, now_s: int) -> dict[str, str]:
     """The four fields every POST must carry, for the time ``now_s``."""
     return {

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import requests
 
-from connectors.robicoin import protocol
+from connectors.robicoin import protocol, signing
 from connectors.robicoin.client import (
     Answer,
     Credentials,
@@ -54,8 +54,8 @@ from connectors.runtime.errors import (
     RejectedError,
     RetriableError,
 )
-from connectors.runtime.kafka import OutRecord
-from connectors.runtime.logs import register_secret
+from connectors.runtime.kafka import OutRecord, ensure_topics
+from connectors.runtime.logs import redact, register_secret
 from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
 from connectors.runtime.state import read_state
 
@@ -97,7 +97,8 @@ class RobicoinPoller:
             required=bool(s.private_streams)
         )
         if self.credentials is not None:
-            for secret in (self.credentials.private_key, self.credentials.public_key):
+            c = self.credentials
+            for secret in signing.secret_values(c.public_key, c.public_id, c.private_key):
                 register_secret(secret)
         self.fingerprint = (
             credential_fingerprint(self.credentials) if self.credentials is not None else None
@@ -272,6 +273,15 @@ class RobicoinPoller:
     async def _reload_state(self) -> None:
         async with self._reload_lock:
             log.warning("%s: re-reading state from Kafka after a failed commit", self.ctx.name)
+            # A broker that lost its data (restarted empty) has no topics any more:
+            # create them again when allowed. The state read back is then empty, so the
+            # poller starts afresh in a new epoch (every record's resync_epoch changes);
+            # without permission to create topics it stops with that error (exit 1).
+            topics = self.topics()
+            try:
+                await asyncio.to_thread(ensure_topics, self.ctx.kafka, topics, topics)
+            except ConfigError as exc:
+                raise FatalError(f"Kafka lost this connector's topics: {exc}") from None
             await asyncio.to_thread(self.ctx.transactions.start)
             await self._load_state()
 
@@ -409,7 +419,6 @@ class RobicoinPoller:
         answer = await self._request(stream)
         if answer is None:
             return
-        self._last_ok = time.monotonic()
         now_ms = self._now_ms()
         if answer.error is not None:
             await self._commit([self._dead_letter(stream, answer.text, answer.error, now_ms)], {})
@@ -419,6 +428,9 @@ class RobicoinPoller:
         except BadMessage as exc:
             await self._commit([self._dead_letter(stream, answer.text, exc, now_ms)], {})
             return
+        # Only an answer of the documented shape counts as the exchange being there:
+        # a run of HTML pages or error bodies must turn the poller not ready.
+        self._last_ok = time.monotonic()
         handler = getattr(self, f"_handle_{stream.name.split(':')[0]}")
         out, state = handler(stream, rows, now_ms)
         await self._commit(out, state)
@@ -650,11 +662,23 @@ class RobicoinPoller:
 
 
 def _currency_key(row: Any) -> str:
-    return str(row.get("currency")) if isinstance(row, dict) else "?"
+    return _state_key(row, "currency")
 
 
 def _data_id_key(row: Any) -> str:
-    return str(row.get("data_id")) if isinstance(row, dict) else "?"
+    return _state_key(row, "data_id")
+
+
+def _state_key(row: Any, field: str) -> str:
+    """A row's key in the snapshot state. Only a short plain value is used as it is:
+    anything else an exchange sends there (an object, a long text that may echo the
+    request) is stored by its fingerprint, never copied into the state topic."""
+    value = row.get(field) if isinstance(row, dict) else None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        text = str(value)
+        if len(text) <= 64 and text.isprintable() and redact(text) == text:
+            return text
+    return f"?{protocol.row_fingerprint(value)}"
 
 
 def create(config: RobicoinConfig) -> RobicoinPoller:

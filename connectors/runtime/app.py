@@ -228,7 +228,17 @@ async def run_connector(
                     result.exit_code, result.error = EXIT_FATAL, "records not delivered"
             await asyncio.to_thread(delivery.close, 5.0)
         if transactions is not None:
-            await asyncio.to_thread(transactions.close)
+            # At most one commit holds it, for at most kafka.commit_timeout_s.
+            wait = min(runtime.drain_timeout_s, kafka.commit_timeout_s + 1.0)
+            closed = await asyncio.to_thread(transactions.close, wait)
+            if not closed:
+                log.error(
+                    "%s: stopped while Kafka had not confirmed the last transaction; "
+                    "what it held is re-read (or redone) at the next start",
+                    plugin.name,
+                )
+                if result.exit_code == EXIT_OK:
+                    result.exit_code, result.error = EXIT_FATAL, "last transaction not confirmed"
         stop.set()
         await beat
         server.stop()

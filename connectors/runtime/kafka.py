@@ -68,6 +68,8 @@ class KafkaSettings:
     max_buffered_records: int = 20_000
     #: Stop reading when the oldest unacknowledged record is older than this.
     stall_after_s: float = 10.0
+    #: Longest wait for Kafka to confirm one transaction (records, offsets, commit).
+    commit_timeout_s: float = 15.0
     create_topics: bool = True
     topic_partitions: int = 3
     replication_factor: int = 1
@@ -100,6 +102,7 @@ class KafkaSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be at least 1")
         positive("kafka.stall_after_s", self.stall_after_s)
+        positive("kafka.commit_timeout_s", self.commit_timeout_s)
         positive("kafka.delivery_timeout_ms", self.delivery_timeout_ms, "milliseconds")
         positive("kafka.request_timeout_ms", self.request_timeout_ms, "milliseconds")
         if self.linger_ms < 0:

@@ -9,44 +9,49 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 
 _secrets: set[str] = set()
 _lock = threading.Lock()
 MASK = "***"
+#: One pattern for all secrets (rebuilt when one is registered), for text and bytes.
+_pattern: re.Pattern[str] | None = None
+_bytes_pattern: re.Pattern[bytes] | None = None
 
 
 def register_secret(value: str | None) -> None:
     """Scrub ``value`` from every log line from now on (ignores very short values)."""
+    global _pattern, _bytes_pattern
     if value and len(value) >= 4:
         with _lock:
+            if value in _secrets:
+                return
             _secrets.add(value)
+            ordered = sorted(_secrets, key=len, reverse=True)
+            _pattern = re.compile("|".join(_piece(s) for s in ordered))
+            _bytes_pattern = re.compile(
+                "|".join(_piece(s) for s in ordered).encode("utf-8", "surrogateescape")
+            )
+
+
+def _piece(secret: str) -> str:
+    # A numeric secret (an account id) is masked only as a whole number, so that the
+    # digits inside an unrelated number (a price in a log line) stay as they are.
+    escaped = re.escape(secret)
+    return rf"(?<![0-9]){escaped}(?![0-9])" if secret.isdigit() else escaped
 
 
 def redact(text: str) -> str:
-    if not _secrets:
-        return text
-    with _lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
+    pattern = _pattern
+    return text if pattern is None else pattern.sub(MASK, text)
 
 
 def redact_bytes(data: bytes) -> bytes:
     """:func:`redact` for raw bytes (dead letters keep messages as they came)."""
-    if not _secrets:
-        return data
-    with _lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    mask = MASK.encode()
-    for secret in secrets:
-        needle = secret.encode("utf-8", "surrogateescape")
-        if needle in data:
-            data = data.replace(needle, mask)
-    return data
+    pattern = _bytes_pattern
+    return data if pattern is None else pattern.sub(MASK.encode(), data)
 
 
 class RedactingFormatter(logging.Formatter):

@@ -29,6 +29,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     KafkaConfigurationError,
     KafkaError,
+    KafkaTimeoutError,
     ProducerFencedError,
     TransactionalIdAuthorizationFailedError,
 )
@@ -90,6 +91,16 @@ def read_state(
         consumer.close()
 
 
+def _await(producer: Any, result: Any, what: str, deadline: float) -> None:
+    """Wait for a transaction step, but never past ``deadline``: kafka-python's own
+    ``commit_transaction()`` and friends wait without one, so a frozen broker would
+    hold the caller (and everything waiting for it, SIGTERM included) for ever."""
+    producer._sender.wakeup()
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not result.wait(timeout_ms=remaining * 1000):
+        raise KafkaTimeoutError(f"Kafka did not confirm the {what} in time")
+
+
 class Transactions:
     """One transactional producer: :meth:`commit` writes a list of records atomically.
 
@@ -116,10 +127,18 @@ class Transactions:
         self._connector = connector
         self._lock = threading.Lock()
         self.failed_since: float | None = None
+        #: When the transaction being committed now began (None: none in flight).
+        self.in_flight_since: float | None = None
+        self._commit_timeout_s = settings.commit_timeout_s
 
     def healthy(self) -> bool:
-        """False while the last transaction failed (until one commits again)."""
-        return self.failed_since is None
+        """False while the last transaction failed (until one commits again), and
+        while one has been waiting for Kafka for longer than ``stall_after_s``."""
+        started = self.in_flight_since
+        stalled = started is not None and (
+            time.monotonic() - started > self._settings.stall_after_s
+        )
+        return self.failed_since is None and not stalled
 
     def start(self) -> None:
         """Create the producer and fence any earlier instance (idempotent)."""
@@ -134,7 +153,8 @@ class Transactions:
             linger_ms=self._settings.linger_ms,
             request_timeout_ms=self._settings.request_timeout_ms,
             delivery_timeout_ms=self._settings.delivery_timeout_ms,
-            max_block_ms=30_000,
+            # Metadata waits in send() and init_transactions() end here.
+            max_block_ms=int(self._commit_timeout_s * 1000),
         )
         if self._settings.compression_type:
             cfg["compression_type"] = self._settings.compression_type
@@ -184,6 +204,8 @@ class Transactions:
             self.failed_since = self.failed_since or time.monotonic()
             raise
         producer = self._producer
+        deadline = time.monotonic() + self._commit_timeout_s
+        self.in_flight_since = time.monotonic()
         try:
             producer.begin_transaction()
             futures = [
@@ -197,12 +219,18 @@ class Transactions:
                 )
                 for r in records
             ]
+            manager = producer._transaction_manager
             if offsets:
-                producer.send_offsets_to_transaction(
-                    {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
-                    consumer.group_metadata(),
+                _await(
+                    producer,
+                    manager.send_offsets_to_transaction(
+                        {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()},
+                        consumer.group_metadata(),
+                    ),
+                    "consumed offsets",
+                    deadline,
                 )
-            producer.commit_transaction()
+            _await(producer, manager.begin_commit(), "transaction commit", deadline)
             for future in futures:
                 # Already resolved by the commit; raises if a record was refused.
                 future.get(timeout=0)
@@ -212,12 +240,23 @@ class Transactions:
                 f"another instance with transactional id {self.transactional_id!r} "
                 "took over; this one stops (single writer)"
             ) from exc
+        except KafkaTimeoutError:
+            self.failed_since = self.failed_since or time.monotonic()
+            self._aborted.inc()
+            self._discard()  # its state is unknown; a new one fences it
+            raise RetriableError(
+                f"Kafka did not confirm a transaction of {len(records)} record(s) within "
+                f"{self._commit_timeout_s:g} s (kafka.commit_timeout_s); it may or may not "
+                "have been committed, so state is re-read from Kafka"
+            ) from None
         except KafkaError as exc:
             self.failed_since = self.failed_since or time.monotonic()
             self._aborted.inc()
             self._abort_quietly()
             self._discard()
             raise RetriableError(f"Kafka transaction failed: {exc!r}") from exc
+        finally:
+            self.in_flight_since = None
         self.failed_since = None
         self._committed.inc()
         for r in records:
@@ -235,7 +274,9 @@ class Transactions:
 
     def _abort_quietly(self) -> None:
         try:
-            self._producer.abort_transaction()
+            producer = self._producer
+            deadline = time.monotonic() + min(5.0, self._commit_timeout_s)
+            _await(producer, producer._transaction_manager.begin_abort(), "abort", deadline)
         except Exception as exc:  # the producer is rebuilt anyway
             log.debug("abort after a failed transaction did not complete: %r", exc)
 
@@ -247,9 +288,18 @@ class Transactions:
             except Exception as exc:
                 log.debug("closing a failed transactional producer: %r", exc)
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Close the producer once no commit is in flight. A commit still running after
+        ``timeout_s`` (default: ``kafka.commit_timeout_s`` and a little) is left to its
+        own deadline; returns False then, and when the last transaction failed."""
+        wait = self._commit_timeout_s + 5.0 if timeout_s is None else timeout_s
+        if not self._lock.acquire(timeout=max(0.0, wait)):
+            return False
+        try:
             self._discard()
+        finally:
+            self._lock.release()
+        return self.failed_since is None
 
 
 def write_records(
