@@ -400,3 +400,37 @@ def test_sigterm_while_kafka_is_frozen_ends_the_source_in_time(
     # Records it had taken were not acknowledged: a non-zero exit says so.
     assert code == 1
     print(f"source SIGTERM with Kafka frozen: exit {code} in {took:.1f} s")
+
+
+def test_sigterm_while_the_exchange_does_not_answer_ends_the_source_in_time(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """The token request, the market list and the WebSocket handshake all hang."""
+    port = free_port()
+    hole = Blackhole()
+    user, key = "user-5a2", "key-0c4e9f"
+    try:
+        with CryptomusSimulator(updates_per_second=1.0, accounts={user: key}) as sim:
+            cfg = cryptomus_config(tmp_path / "c.yaml", sim, kafka_bootstrap, port)
+        silent = hole.base_url.removesuffix("/api/v1")
+        cfg["cryptomus"].update(
+            ws_url=silent.replace("http://", "ws://"), api_url=silent, scales_url=silent
+        )
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        proc = start_connector(
+            "cryptomus-ws",
+            tmp_path / "c.yaml",
+            {"CRYPTOMUS_USER_ID": user, "CRYPTOMUS_API_KEY": key},
+            capture=False,
+        )
+        try:
+            wait_until(lambda: hole.requests >= 1, T(60), "a request left hanging")
+            assert readyz(port) == 503
+            code, took = sigterm(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        hole.close()
+    assert code == 0
+    print(f"source SIGTERM with the exchange silent: exit {code} in {took:.1f} s")

@@ -16,9 +16,9 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 import websockets
@@ -41,6 +41,7 @@ from connectors.runtime.kafka import OutRecord
 from connectors.runtime.logs import register_secret
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 NAME = "cryptomus-ws"
 SCHEMA_VERSION = "v1"
@@ -178,6 +179,20 @@ class CryptomusSource:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stop.wait(), timeout=seconds)
 
+    async def _unless_stopped(self, ctx: RuntimeContext, call: Awaitable[_T]) -> _T | None:
+        """``call``'s result, or None as soon as stop is requested: a REST call that
+        has not answered yet (it has its own deadline) must not hold up SIGTERM."""
+        work = asyncio.ensure_future(call)
+        stop = asyncio.ensure_future(ctx.stop.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        return None
+
     # -- main loop ----------------------------------------------------------------------
 
     async def run(self, ctx: RuntimeContext) -> None:
@@ -199,7 +214,7 @@ class CryptomusSource:
         backoff = Backoff(initial_s=s.backoff_initial_s, cap_s=s.backoff_max_s)
         while not ctx.stop.is_set():
             try:
-                await self._prepare()
+                await self._unless_stopped(ctx, self._prepare())
                 break
             except RetriableError as exc:
                 delay = backoff.next_delay()
@@ -275,10 +290,12 @@ class CryptomusSource:
         """One connection from token to close; returns why it ended."""
         s = self.settings
         try:
-            token = await asyncio.to_thread(self.rest.ws_token)
+            token = await self._unless_stopped(ctx, asyncio.to_thread(self.rest.ws_token))
         except AuthError:
             ctx.metrics.auth_failures.labels(ctx.name).inc()
             raise
+        if token is None:
+            return "stopped"
         register_secret(token)
         separator = "&" if "?" in s.ws_url else "?"
         url = f"{s.ws_url}{separator}token={token}"
