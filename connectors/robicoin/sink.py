@@ -67,7 +67,7 @@ from connectors.runtime.errors import (
     RejectedError,
     RetriableError,
 )
-from connectors.runtime.kafka import OutRecord
+from connectors.runtime.kafka import OutRecord, group_poll
 from connectors.runtime.logs import register_secret
 from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
 from connectors.runtime.state import read_state
@@ -304,7 +304,7 @@ class RobicoinOrderSink:
                     self._check_guard_reset()
                 continue
             try:
-                batch = consumer.poll(timeout_ms=200)
+                batch = group_poll(consumer, 200, self._stop.wait)
             except KafkaError as exc:
                 log.warning("consumer poll failed: %r", exc)
                 time.sleep(idle.next_delay())
@@ -339,7 +339,7 @@ class RobicoinOrderSink:
         """Paused: keep the group membership and the high-water marks fresh (for the
         lag gauge), hand nothing out, and read the same records again later."""
         try:
-            batch = consumer.poll(timeout_ms=500)
+            batch = group_poll(consumer, 500, self._stop.wait)
         except KafkaError as exc:
             log.warning("consumer poll failed: %r", exc)
             time.sleep(0.5)
@@ -350,6 +350,10 @@ class RobicoinOrderSink:
             if recs:
                 consumer.seek(tp, recs[0].offset)
         self._update_lag(consumer)
+        if batch:
+            # Put back: the next poll would fetch them again at once. Rest first, so
+            # holding is not a fetch loop at full speed.
+            self._stop.wait(0.5)
 
     def _reload_after_failure(self) -> None:
         try:

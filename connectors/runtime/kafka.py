@@ -372,3 +372,46 @@ class Delivery:
             self._producer.close(timeout=timeout_s)
         except KafkaError as exc:
             log.error("producer did not close cleanly: %r", exc)
+
+
+def group_poll(
+    consumer: Any, timeout_ms: int, wait: Callable[[float], object] = time.sleep
+) -> dict[Any, list[Any]]:
+    """``consumer.poll(timeout_ms)`` for a consumer in a group, without kafka-python's spin.
+
+    kafka-python 3.0 caps every turn of ``poll()`` at the time left to the next
+    heartbeat. While a heartbeat is in flight to a coordinator that does not answer (a
+    frozen broker, a half-open connection) that time stays 0 until the request times
+    out (``request_timeout_ms``, 30 s): ``poll()`` spins for its whole timeout, and each
+    turn ties a wake-up future and its waiter (a few KB) to the fetch in flight. That
+    was a core at 100 % and about 10 MB a second while Kafka was unreachable. In that
+    state this polls once without waiting and does the waiting itself (``wait``: pass a
+    stop event's ``wait`` to stay interruptible), so an outage costs one turn per call.
+    """
+    if timeout_ms > 0 and _poll_would_spin(consumer):
+        batch: dict[Any, list[Any]] = consumer.poll(timeout_ms=0)
+        if not batch:
+            wait(timeout_ms / 1000)
+        return batch
+    result: dict[Any, list[Any]] = consumer.poll(timeout_ms=timeout_ms)
+    return result
+
+
+def _poll_would_spin(consumer: Any) -> bool:
+    """A heartbeat is due now to the known coordinator of a joined, stable group: the
+    state in which ``poll()`` cannot wait (see :func:`group_poll`); while the coordinator
+    is unknown or the group rejoins, ``poll()`` waits and is left alone. Only reads:
+    kafka-python's coordinator is private, and if it ever changes shape this says no
+    and a plain poll is used."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "group_id", None) is None:
+        return False
+    try:
+        return bool(
+            coordinator.coordinator_id is not None
+            and coordinator.stable()
+            and not coordinator.need_rejoin()
+            and coordinator.time_to_next_poll() <= 0
+        )
+    except Exception:
+        return False
