@@ -434,3 +434,35 @@ def test_sigterm_while_the_exchange_does_not_answer_ends_the_source_in_time(
         hole.close()
     assert code == 0
     print(f"source SIGTERM with the exchange silent: exit {code} in {took:.1f} s")
+
+
+def test_after_a_long_freeze_the_poller_writes_again_and_is_not_fenced_by_itself(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """Producers it gave up on during the outage may reach the broker late and fence the
+    new one: that is not another instance, and the poller must carry on."""
+    port = free_port()
+    with SimulatorThread(transactions_per_second=2.0) as sim:
+        cfg = poller_config(tmp_path / "p.yaml", sim.base_url, broker.bootstrap_servers, port)
+        topic = cfg["robicoin"]["topics"]["ticker"]
+        proc = start_poller(tmp_path / "p.yaml")
+        try:
+            wait_until(lambda: ready(port), T(60), "ready")
+            broker.pause()
+            wait_until(lambda: readyz(port) == 503, T(30), "not ready while Kafka is frozen")
+            time.sleep(20)  # several commit deadlines: producers are given up on
+            broker.resume()
+            wait_until(lambda: ready(port), T(90), "ready again after the freeze")
+            count = len(read_topic(broker.bootstrap_servers, topic, timeout=T(5)))
+            wait_until(
+                lambda: len(read_topic(broker.bootstrap_servers, topic, timeout=T(5))) > count,
+                T(30),
+                "new records after the freeze",
+            )
+            assert proc.poll() is None, "the poller stopped"
+            code, _ = sigterm(proc)
+        finally:
+            broker.resume()
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0

@@ -39,7 +39,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from connectors.robicoin import commands as cmds
-from connectors.robicoin import protocol
+from connectors.robicoin import protocol, signing
 from connectors.robicoin.client import (
     Answer,
     Credentials,
@@ -63,6 +63,7 @@ from connectors.runtime.backoff import Backoff
 from connectors.runtime.errors import (
     AuthError,
     BadMessage,
+    FatalError,
     ConfigError,
     RejectedError,
     RetriableError,
@@ -147,7 +148,7 @@ class RobicoinOrderSink:
         creds = s.credentials.resolve(required=True)
         assert creds is not None
         self.credentials: Credentials = creds
-        for value in (creds.private_key, creds.public_key):
+        for value in signing.secret_values(creds.public_key, creds.public_id, creds.private_key):
             register_secret(value)
         hmac_secret = s.command_auth.resolve()
         if hmac_secret:
@@ -210,7 +211,16 @@ class RobicoinOrderSink:
         finally:
             self._stop.set()
             stop.cancel()
-            await asyncio.wait({worker})
+            # Every wait in the worker has its own deadline (HTTP calls, Kafka commits,
+            # reads); this one bounds their sum, so SIGTERM ends the process in time.
+            grace = self.config.runtime.drain_timeout_s
+            done, _ = await asyncio.wait({worker}, timeout=grace)
+        if not done:
+            raise FatalError(
+                f"the command worker did not stop within runtime.drain_timeout_s "
+                f"({grace:g} s); a command it was handling stays pending in the ledger "
+                "and is reconciled at the next start"
+            )
         worker.result()
 
     # -- the loop (worker thread) ------------------------------------------------------

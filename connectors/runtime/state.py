@@ -130,6 +130,9 @@ class Transactions:
         #: When the transaction being committed now began (None: none in flight).
         self.in_flight_since: float | None = None
         self._commit_timeout_s = settings.commit_timeout_s
+        #: This process gave up on a producer whose requests may still reach the
+        #: broker late (after an outage) and fence the next one with the same id.
+        self._abandoned = False
 
     def healthy(self) -> bool:
         """False while the last transaction failed (until one commits again), and
@@ -171,6 +174,7 @@ class Transactions:
             raise FatalError(f"not allowed to use transactional id: {exc}") from exc
         except KafkaError as exc:
             producer.close(timeout=1)
+            self._abandoned = True
             raise RetriableError(f"cannot initialise transactions: {exc}") from exc
         self._producer = producer
 
@@ -236,6 +240,16 @@ class Transactions:
                 future.get(timeout=0)
         except ProducerFencedError as exc:
             self._discard()
+            if self._abandoned:
+                # Most likely our own: a producer given up during an outage whose
+                # request reached the broker late. One new producer settles it; if that
+                # one is fenced too, another instance really holds the id.
+                self._abandoned = False
+                self.failed_since = self.failed_since or time.monotonic()
+                raise RetriableError(
+                    "fenced by a producer this process gave up on during the Kafka "
+                    "outage (its request reached the broker late); starting a new one"
+                ) from exc
             raise FatalError(
                 f"another instance with transactional id {self.transactional_id!r} "
                 "took over; this one stops (single writer)"
@@ -243,6 +257,7 @@ class Transactions:
         except KafkaTimeoutError:
             self.failed_since = self.failed_since or time.monotonic()
             self._aborted.inc()
+            self._abandoned = True
             self._discard()  # its state is unknown; a new one fences it
             raise RetriableError(
                 f"Kafka did not confirm a transaction of {len(records)} record(s) within "
@@ -253,11 +268,13 @@ class Transactions:
             self.failed_since = self.failed_since or time.monotonic()
             self._aborted.inc()
             self._abort_quietly()
+            self._abandoned = True
             self._discard()
             raise RetriableError(f"Kafka transaction failed: {exc!r}") from exc
         finally:
             self.in_flight_since = None
         self.failed_since = None
+        self._abandoned = False
         self._committed.inc()
         for r in records:
             self._records.labels(self._connector, r.channel, "produced").inc()
