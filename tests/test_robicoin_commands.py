@@ -20,6 +20,7 @@ from connectors.robicoin.commands import (
     REJECT_REASONS,
     CreateOrder,
     DeleteOrder,
+    OpenState,
     Outcome,
     Placement,
     Policy,
@@ -28,6 +29,7 @@ from connectors.robicoin.commands import (
     create_fields,
     delete_fields,
     expired,
+    find_open,
     find_placed,
     notional,
     parse_command,
@@ -754,6 +756,56 @@ def test_unreadable_rows_make_the_answer_inconclusive() -> None:
 def test_find_placed_needs_an_ordered_window() -> None:
     with pytest.raises(ValueError):
         find_placed(order(), [], [], UNTIL, SINCE, IST)
+
+
+# -- is the order a delete names still open? ----------------------------------------------
+
+
+def delete_cmd(data_id: int = 18, pair: str = "btc-try") -> DeleteOrder:
+    cmd = parse_command(encode(delete(data_id=data_id, pair=pair)), POLICY)
+    assert isinstance(cmd, DeleteOrder)
+    return cmd
+
+
+def others(n: int) -> list[dict[str, Any]]:
+    return [open_row(data_id=100 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "state"),
+    [
+        ([], OpenState.GONE),
+        ([open_row()], OpenState.OPEN),
+        ([*others(3), open_row()], OpenState.OPEN),
+        (others(3), OpenState.GONE),
+        # Same id on another pair: not the order the delete names.
+        ([open_row(type="eth-try")], OpenState.GONE),
+        # open-order lists only the last 25: a full list may hide the order ...
+        (others(24), OpenState.GONE),
+        (others(25), OpenState.UNDECIDED),
+        # ... but not one it shows.
+        ([*others(24), open_row()], OpenState.OPEN),
+        # A row whose id or pair cannot be read may be the order.
+        ([*others(2), open_row(data_id="18")], OpenState.UNDECIDED),
+        ([*others(2), open_row(data_id=None)], OpenState.UNDECIDED),
+        ([open_row(type=None)], OpenState.UNDECIDED),
+        ([*others(2), "not a row"], OpenState.UNDECIDED),
+        # Other fields do not matter: only the id and the pair name the order.
+        ([open_row(created_at="garbage", price="x")], OpenState.OPEN),
+    ],
+)
+def test_find_open_decides_a_delete_only_from_what_open_order_shows(
+    rows: list[Any], state: OpenState
+) -> None:
+    check = find_open(delete_cmd(), answer(rows))
+    assert check.state is state, check.detail
+    assert "18" in check.detail and "btc-try" in check.detail
+
+
+def test_find_open_matches_the_pair_the_delete_names() -> None:
+    rows = answer([open_row(type="eth-try")])
+    assert find_open(delete_cmd(pair="eth-try"), rows).state is OpenState.OPEN
+    assert find_open(delete_cmd(data_id=19, pair="eth-try"), rows).state is OpenState.GONE
 
 
 # -- results ---------------------------------------------------------------------------------

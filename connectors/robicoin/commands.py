@@ -29,7 +29,8 @@ else is wrong with it.
 
 Also here, pure as well: the exchange form fields (:func:`create_fields`,
 :func:`delete_fields`), :func:`notional`, :func:`expired`, the reconciliation match of
-a create whose outcome is unknown (:func:`find_placed`) and the shape of result records
+a create whose outcome is unknown (:func:`find_placed`), the check of a delete the
+exchange did not plainly confirm (:func:`find_open`) and the shape of result records
 (:func:`result`, schema ``schemas/order-result.json``).
 """
 
@@ -628,6 +629,67 @@ def find_placed(
 
     saturated = full(open_orders, open_times) or full(transactions, fill_times) or unreadable > 0
     return Placement(open_matches, fill_matches, saturated, unreadable)
+
+
+class OpenState(StrEnum):
+    """Whether ``open-order`` shows the order a delete names."""
+
+    OPEN = "open"
+    GONE = "gone"
+    UNDECIDED = "undecided"
+
+
+@dataclass(frozen=True)
+class OpenCheck:
+    """What :func:`find_open` concluded, and why (``detail``: human text, no secret)."""
+
+    state: OpenState
+    detail: str
+
+
+def find_open(cmd: DeleteOrder, open_orders: Sequence[Any]) -> OpenCheck:
+    """Is the order ``(cmd.data_id, cmd.pair)`` among raw ``open-order`` rows (as decoded
+    by :func:`~connectors.robicoin.protocol.decode`)?
+
+    A delete answered with anything but the documented ``success`` is decided here, not
+    from the status: the spec says only "40x" for errors and documents no error bodies,
+    so ``400 {"error": "Order not found."}`` may mean "already gone" as well as "no".
+
+    ``OPEN``: a row has this ``data_id`` and pair. ``GONE``: no row has, and the answer
+    shows every open order (fewer than 25 rows, all readable). ``UNDECIDED``: not found,
+    but it could be hidden: the answer is a full window of 25 (``open-order`` lists only
+    the last 25 open orders) or holds a row whose ``data_id`` or pair cannot be read.
+
+    >>> cmd = DeleteOrder("d-1", "btc-try", 18, 0, None)
+    >>> find_open(cmd, [{"data_id": JsonNumber("18"), "type": "btc-try"}]).state
+    <OpenState.OPEN: 'open'>
+    >>> find_open(cmd, [{"data_id": JsonNumber("19"), "type": "btc-try"}]).state
+    <OpenState.GONE: 'gone'>
+    """
+    unreadable = 0
+    for raw in open_orders:
+        data_id = raw.get("data_id") if isinstance(raw, dict) else None
+        pair = raw.get("type") if isinstance(raw, dict) else None
+        if not isinstance(data_id, JsonNumber) or not data_id.isdigit() or not _is_text(pair):
+            unreadable += 1
+            continue
+        if int(data_id) == cmd.data_id and pair == cmd.pair:
+            return OpenCheck(
+                OpenState.OPEN, f"open-order still lists order {cmd.data_id} on {cmd.pair}"
+            )
+    if unreadable:
+        return OpenCheck(
+            OpenState.UNDECIDED,
+            f"open-order does not list order {cmd.data_id} on {cmd.pair}, but {unreadable} "
+            "of its rows could not be read (one may be it)",
+        )
+    if len(open_orders) >= WINDOW_ROWS:
+        return OpenCheck(
+            OpenState.UNDECIDED,
+            f"open-order does not list order {cmd.data_id} on {cmd.pair}, but it shows only "
+            f"the last {WINDOW_ROWS} open orders and is full: the order may still be open",
+        )
+    return OpenCheck(OpenState.GONE, f"open-order does not list order {cmd.data_id} on {cmd.pair}")
 
 
 # -- results -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Rules enforced, in this order for every request:
    a missing auth field included → ``401 {"error": "Unauthorized"}``, counted for the IP
    and for the key the request *claimed* (``"-"`` when none).
 6. **Endpoint**: unknown or missing fields, badly formed values → 400; unknown order to
-   delete → 404 (not an auth failure).
+   delete → 404 (not an auth failure; :meth:`~RobicoinSimulator.set_delete_not_found`
+   changes it, e.g. to ``400 {"error": "Order not found."}``).
 
 Shapes follow the spec, quirks included: ticker values are JSON *numbers* written from
 :class:`~decimal.Decimal` text (``3456789.10``, ``987654321.12345678``, which float would
@@ -588,6 +589,11 @@ class RobicoinSimulator:
         self._failures: list[list[Any]] = []  # [path_suffix, status, remaining]
         self._create_delay = 0.0
         self._drop_creates = 0
+        # delete-order faults: the answer to an order that is not open, canned refusals
+        # of open ones, and answers dropped after deleting.
+        self._delete_not_found: tuple[int, object] = (404, {"error": "Order not found"})
+        self._refused_deletes: list[tuple[int, object]] = []
+        self._drop_deletes = 0
         self._paused = False
 
         with self._lock:
@@ -786,6 +792,31 @@ class RobicoinSimulator:
         with self._lock:
             self._failures.append([suffix, status, n])
 
+    def set_delete_not_found(self, status: int, payload: object) -> None:
+        """How delete-order answers an order that is not open (default ``404 {"error":
+        "Order not found"}``). The spec only says "40x" and documents no error body, so
+        tests also play e.g. ``400 {"error": "Order not found."}``."""
+        if not 400 <= status <= 499 or status in (401, 403):
+            raise ValueError("status must be a 4xx other than 401/403")
+        with self._lock:
+            self._delete_not_found = (status, payload)
+
+    def refuse_next_deletes(self, status: int, payload: object, n: int = 1) -> None:
+        """Answer the next ``n`` authenticated, well-formed delete-orders with a 4xx
+        ``status`` and ``payload`` without deleting anything (the order stays open)."""
+        if not 400 <= status <= 499 or status in (401, 403) or n < 1:
+            raise ValueError("status must be a 4xx other than 401/403, and n >= 1")
+        with self._lock:
+            self._refused_deletes.extend([(status, payload)] * n)
+
+    def set_drop_delete_response(self, n: int) -> None:
+        """The next ``n`` successful delete-orders delete the order, then close the
+        connection without answering."""
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        with self._lock:
+            self._drop_deletes = n
+
     # ---- request processing (called by the HTTP handler threads) ---------------------
 
     def handle(self, request: _Request) -> _Outcome:
@@ -982,6 +1013,9 @@ class RobicoinSimulator:
         if pair not in self._markets:
             self._counters.bad_requests += 1
             return self._reply(req, 400, {"error": "unknown market type"})
+        if self._refused_deletes:
+            status, payload = self._refused_deletes.pop(0)
+            return self._reply(req, status, payload)
         data_id = int(data_id_text)
         for order in account.open_orders:
             if order.data_id == data_id and order.pair == pair:
@@ -990,8 +1024,12 @@ class RobicoinSimulator:
                     {**fields, "received_at": self._clock(), "data_id": data_id}
                 )
                 self._counters.orders_deleted += 1
+                if self._drop_deletes > 0:
+                    self._drop_deletes -= 1
+                    self._counters.dropped_responses += 1
+                    return _Outcome(0, "", drop=True)
                 return self._reply(req, 200, {"success": "Order deleted successfully."})
-        return self._reply(req, 404, {"error": "Order not found"})
+        return self._reply(req, *self._delete_not_found)
 
     # ---- state helpers (lock held) ---------------------------------------------------
 

@@ -43,7 +43,6 @@ from connectors.robicoin import protocol, signing
 from connectors.robicoin.client import (
     Answer,
     Credentials,
-    NotFoundError,
     RequestFailed,
     RobicoinClient,
 )
@@ -63,13 +62,13 @@ from connectors.runtime.backoff import Backoff
 from connectors.runtime.errors import (
     AuthError,
     BadMessage,
-    FatalError,
     ConfigError,
+    FatalError,
     RejectedError,
     RetriableError,
 )
 from connectors.runtime.kafka import OutRecord, group_poll
-from connectors.runtime.logs import register_secret
+from connectors.runtime.logs import redact, register_secret
 from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
 from connectors.runtime.state import read_state
 
@@ -610,8 +609,10 @@ class RobicoinOrderSink:
             return self._reconcile(cmd, pending_at, attempts, int(spent * 1000))
 
     def _delete(self, cmd: cmds.DeleteOrder) -> Outcome:
-        """delete-order is idempotent on data_id: ambiguous failures are simply retried,
-        and "not found" means it is already gone."""
+        """delete-order is idempotent on data_id: ambiguous failures are simply retried.
+        Any other answer but the documented ``success`` (any 4xx that is not an auth
+        failure, whatever its text; a 2xx without ``success``) decides nothing by
+        itself: open-order does (:meth:`_confirm_delete`)."""
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         attempts = 0
         spent = 0.0
@@ -633,36 +634,84 @@ class RobicoinOrderSink:
                     )
                 self._sleep(backoff.next_delay())
                 continue
-            except NotFoundError as exc:
-                return Outcome(
-                    "accepted",
-                    "already_gone",
-                    exc.message,
-                    False,
-                    attempts,
-                    int(spent * 1000),
-                    cmd.data_id,
-                )
             except AuthError as exc:
+                # Never "not found": no further signed request after an auth failure.
                 return Outcome("failed", "unauthorized", str(exc), False, attempts)
-            except RejectedError as exc:
-                return Outcome("failed", "exchange_rejected", exc.message, False, attempts)
+            except RejectedError as exc:  # NotFoundError (404/405) included
+                spent += time.monotonic() - started
+                refusal = f"HTTP {exc.status}: {exc.message}"
+                return self._confirm_delete(cmd, exc.message, refusal, attempts, spent)
             spent += time.monotonic() - started
             payload = answer.payload
             message = payload.get("success") if isinstance(payload, dict) else None
+            if not isinstance(message, str):
+                text = redact(protocol.error_message(answer.text))
+                return self._confirm_delete(cmd, text, f"HTTP 2xx: {text}", attempts, spent)
             return Outcome(
-                "accepted",
-                None,
-                str(message) if message else None,
-                False,
-                attempts,
-                int(spent * 1000),
-                cmd.data_id,
+                "accepted", None, message, False, attempts, int(spent * 1000), cmd.data_id
             )
+
+    def _confirm_delete(
+        self, cmd: cmds.DeleteOrder, message: str, refusal: str, attempts: int, spent: float
+    ) -> Outcome:
+        """A delete the exchange did not confirm: read open-order (signed, guarded,
+        rate-limited) to learn whether the order is still there. Gone → ``accepted``
+        (``already_gone``: a retry after a lost answer, a resume after a crash, or an
+        order filled or cancelled before); still open → ``failed`` with the exchange's
+        (redacted) ``message``; cannot tell → ``unknown``. It never sends the delete
+        again: the exchange has answered it."""
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        exchange_ms = int(spent * 1000)
+        rows: list[Any] | None = None
+        for _ in range(RECONCILE_READS):
+            try:
+                rows = protocol.data_rows(self._signed(protocol.OPEN_ORDER, None).payload)
+                break
+            except RequestFailed as exc:
+                log.warning("checking delete %s: %s; retrying", cmd.command_id, exc)
+                self._sleep(backoff.next_delay())
+            except (AuthError, RejectedError, BadMessage) as exc:
+                log.error("checking delete %s: %s", cmd.command_id, exc)
+                break
+        m = self.ctx.metrics.reconciliations
+        if rows is None:
+            m.labels(self.ctx.name, "undecided").inc()
+            why = f"delete-order answered {refusal}; open-order could not be read"
+            return self._unknown_delete(cmd, why, attempts, exchange_ms)
+        check = cmds.find_open(cmd, rows)
+        if check.state is cmds.OpenState.GONE:
+            m.labels(self.ctx.name, "not_found").inc()
+            log.info("delete %s: %s (%s): already gone", cmd.command_id, refusal, check.detail)
+            return Outcome(
+                "accepted", "already_gone", message, True, attempts, exchange_ms, cmd.data_id
+            )
+        if check.state is cmds.OpenState.OPEN:
+            m.labels(self.ctx.name, "found").inc()
+            log.warning("delete %s refused: %s (%s)", cmd.command_id, refusal, check.detail)
+            return Outcome(
+                "failed", "exchange_rejected", message, True, attempts, exchange_ms, cmd.data_id
+            )
+        m.labels(self.ctx.name, "undecided").inc()
+        why = f"delete-order answered {refusal}; {check.detail}"
+        return self._unknown_delete(cmd, why, attempts, exchange_ms)
+
+    def _unknown_delete(
+        self, cmd: cmds.DeleteOrder, why: str, attempts: int, exchange_ms: int
+    ) -> Outcome:
+        log.error(
+            "delete %s: outcome UNKNOWN (%s). It is not retried; check order %d by hand.",
+            cmd.command_id,
+            why,
+            cmd.data_id,
+        )
+        return Outcome("unknown", "undecided", why, True, attempts, exchange_ms, cmd.data_id)
 
     def _resume(self, cmd: cmds.Command, entry: Mapping[str, Any]) -> Outcome:
         """A command found pending: the previous run may or may not have called."""
         if isinstance(cmd, cmds.DeleteOrder):
+            # Sending it again is safe: a delete the previous run did make is then
+            # refused, and open-order shows the order gone (already_gone).
+            log.warning("delete %s was pending at restart; sending it again", cmd.command_id)
             return self._delete(cmd)
         pending_at = int(entry.get("pending_at_ms") or self._now_ms())
         log.warning("command %s was pending at restart; reconciling", cmd.command_id)
