@@ -466,3 +466,25 @@ def test_after_a_long_freeze_the_poller_writes_again_and_is_not_fenced_by_itself
             if proc.poll() is None:
                 proc.kill()
     assert code == 0
+
+
+def test_an_idle_sink_turns_not_ready_when_kafka_stops_answering(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    """With no command to handle it writes nothing, so no failed commit can tell it."""
+    port = free_port()
+    with SimulatorThread(transactions_per_second=0.0, market_orders_per_second=0.0) as sim:
+        sink_config(tmp_path / "s.yaml", sim.base_url, broker.bootstrap_servers, port)
+        proc = start_sink(tmp_path / "s.yaml")
+        try:
+            wait_until(lambda: ready(port), T(60), "ready")
+            broker.pause()
+            wait_until(lambda: readyz(port) == 503, T(45), "not ready while Kafka is frozen")
+            broker.resume()
+            wait_until(lambda: ready(port), T(60), "ready again")
+            code, _ = sigterm(proc)
+        finally:
+            broker.resume()
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0

@@ -67,7 +67,7 @@ from connectors.runtime.errors import (
     RejectedError,
     RetriableError,
 )
-from connectors.runtime.kafka import OutRecord, group_poll
+from connectors.runtime.kafka import OutRecord, group_poll, group_reachable
 from connectors.runtime.logs import redact, register_secret
 from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
 from connectors.runtime.state import read_state
@@ -171,6 +171,7 @@ class RobicoinOrderSink:
         self._stop = threading.Event()
         self._guard: AuthGuard | None = None
         self._assigned = False
+        self._group_ok = True
 
     # -- wiring ----------------------------------------------------------------------
 
@@ -202,6 +203,10 @@ class RobicoinOrderSink:
         for found in ("found", "not_found", "undecided"):
             m.reconciliations.labels(name, found)
         ctx.health.add_check("consumer", lambda: self._assigned)
+        # Idle or paused, the sink writes nothing, so a failed commit cannot tell it
+        # that Kafka is gone: its group coordinator can (lost ~request_timeout_ms after
+        # the broker stops answering).
+        ctx.health.add_check("kafka_group", lambda: self._group_ok)
         ctx.health.add_check("auth", lambda: not (self._guard and self._guard.blocked))
         worker = asyncio.ensure_future(asyncio.to_thread(self._run_blocking))
         stop = asyncio.ensure_future(ctx.stop.wait())
@@ -319,6 +324,7 @@ class RobicoinOrderSink:
                 time.sleep(idle.next_delay())
                 continue
             self._assigned = bool(consumer.assignment())
+            self._group_ok = group_reachable(consumer)
             self._refresh_committed(consumer)
             for tp, recs in batch.items():
                 for rec in recs:
@@ -354,6 +360,7 @@ class RobicoinOrderSink:
             time.sleep(0.5)
             return
         self._assigned = bool(consumer.assignment())
+        self._group_ok = group_reachable(consumer)
         self._refresh_committed(consumer)
         for tp, recs in batch.items():
             if recs:

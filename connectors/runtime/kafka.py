@@ -397,6 +397,16 @@ def group_poll(
     return result
 
 
+def group_reachable(consumer: Any) -> bool:
+    """False once a group consumer lost its coordinator (kafka-python marks it dead when
+    a request to it times out: a frozen or unreachable broker). A plain attribute read,
+    so it never changes the consumer's state; True if the shape is unknown."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "group_id", None) is None:
+        return True
+    return getattr(coordinator, "coordinator_id", 0) is not None
+
+
 def _poll_would_spin(consumer: Any) -> bool:
     """A heartbeat is due now to the known coordinator of a joined, stable group: the
     state in which ``poll()`` cannot wait (see :func:`group_poll`); while the coordinator
