@@ -1,8 +1,8 @@
 """``python -m bench``: every benchmark in one run, results in ``bench/results/``.
 
-    python -m bench                  # the whole benchmark (under 10 minutes on 2 cores)
+    python -m bench                  # the whole benchmark (about 10 minutes on 2 cores)
     python -m bench --smoke          # tiny scale, checks the harness works (CI)
-    python -m bench --only sink      # one part: cryptomus, poller, sink
+    python -m bench --only sink      # one part: cryptomus, poller, sink, faults
 
 The broker is ``KAFKA_BOOTSTRAP_SERVERS`` when set, else the embedded one (as the
 demo and the tests). Exchanges are the package's simulators on 127.0.0.1.
@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.common import FULL, SMOKE, machine
 
-PARTS = ("cryptomus", "poller", "sink")
+PARTS = ("cryptomus", "poller", "sink", "faults")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
             log("robicoin order sink")
             results["sink"] = run_sink(bootstrap, scale, log)
+        if "faults" in parts:
+            from bench.faults import run_all as run_faults
+
+            log("faults: Kafka outage per connector, exchange dropping the source")
+            results["faults"] = run_faults(bootstrap, scale, log)
     command = "python -m bench" + (" --smoke" if args.smoke else "")
     if args.only:
         command += "".join(f" --only {p}" for p in args.only)

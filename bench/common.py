@@ -45,6 +45,12 @@ class Scale:
     sink_commands: int
     #: The naive peer gives up on a run after this many seconds of draining.
     drain_limit_s: float
+    #: Seconds each connector's own broker stays frozen (SIGSTOP) in the fault run.
+    outage_s: float
+    #: Seconds the Cryptomus source is watched while the exchange drops its connections,
+    #: and how long after it opened each connection is dropped.
+    drop_run_s: float
+    drop_every_s: float
 
 
 FULL = Scale(
@@ -57,6 +63,9 @@ FULL = Scale(
     poller_seconds=30.0,
     sink_commands=200,
     drain_limit_s=20.0,
+    outage_s=60.0,
+    drop_run_s=60.0,
+    drop_every_s=6.0,
 )
 SMOKE = Scale(
     name="smoke",
@@ -68,6 +77,9 @@ SMOKE = Scale(
     poller_seconds=4.0,
     sink_commands=12,
     drain_limit_s=5.0,
+    outage_s=5.0,
+    drop_run_s=10.0,
+    drop_every_s=2.0,
 )
 
 

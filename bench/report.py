@@ -86,6 +86,41 @@ def problems(results: dict[str, Any]) -> list[str]:
             )
         elif not run["connector_disconnected"] and run["drained_in_time"] and not run["zero_loss"]:
             found.append(f"{run['label']}: {run['frames_without_ack']} frames without an ack")
+    return found + fault_problems(results.get("faults") or {})
+
+
+def fault_problems(faults: dict[str, Any]) -> list[str]:
+    """A connector that did not come back after a fault, a sink that did not give
+    exactly one result per command (or sent an order twice), an unclean exit."""
+    found: list[str] = []
+    for row in (faults.get("outage") or {}).get("connectors", []):
+        name = row["connector"]
+        if row["exited_during_outage"] is not None:
+            found.append(f"{name} exited during the Kafka outage ({row['exited_during_outage']})")
+        if not row["recovered"]:
+            found.append(f"{name} did not recover after the Kafka outage")
+        if "commands" in row:
+            if not row["exactly_one_result_per_command"]:
+                found.append(
+                    f"{name}: {row['results']} results for {row['commands']} commands "
+                    f"({row['commands_with_a_result']} with a result, "
+                    f"{row['duplicate_results']} duplicates) after the Kafka outage"
+                )
+            if row["creates_sent_to_exchange"] > row["commands"]:
+                found.append(
+                    f"{name}: {row['creates_sent_to_exchange']} create-order requests "
+                    f"for {row['commands']} commands"
+                )
+        if row["exit_code"] != 0:
+            found.append(f"{name}: exit code {row['exit_code']} after SIGTERM (outage run)")
+    drops = faults.get("drops")
+    if drops:
+        if not drops["recovered"]:
+            found.append(f"{drops['connector']} did not reconnect after the last drop")
+        if drops["disconnected_s"] is None:
+            found.append(f"{drops['connector']}: no connector_disconnected_seconds_total")
+        if drops["exit_code"] != 0:
+            found.append(f"{drops['connector']}: exit code {drops['exit_code']} (drop run)")
     return found
 
 
@@ -220,11 +255,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"Measured {meta['date']} with `{meta['command']}` ({meta['scale']} scale, "
         f"{meta['wall_s']:.0f} s) on {m['cores']} cores of {m['cpu']}, "
         f"{m['memory_gib']} GiB, Python {m['python']}, broker: {meta['broker']}.",
-        "",
-        "| Measure | Result | Target | |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(results)]
+    summary = summary_rows(results)
+    if summary:
+        lines += ["", "| Measure | Result | Target | |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary]
     crypto = results.get("cryptomus")
     if crypto:
         lines += [
@@ -245,6 +280,9 @@ def markdown(results: dict[str, Any]) -> str:
                 )
         for row in crypto.get("naive", []):
             lines.append(_rate_row("naive peer (aiokafka)", row))
+    faults = results.get("faults")
+    if faults:
+        lines += fault_lines(faults)
     profile = results.get("profile")
     if profile:
         for backend, prof in profile["backends"].items():
@@ -262,6 +300,54 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"| {share:.0%} | {stage} |" for stage, share in prof["stages"].items()]
             lines += [f"| {share:.0%} | self: `{where}` |" for where, share in prof["top_self"][:8]]
     return "\n".join(lines) + "\n"
+
+
+def fault_lines(faults: dict[str, Any]) -> list[str]:
+    """The Kafka-outage table and the connection-drop line."""
+    lines: list[str] = []
+    outage = faults.get("outage") or {}
+    if outage.get("skipped"):
+        lines += ["", f"Kafka outage: skipped ({outage['skipped']})."]
+    rows = outage.get("connectors", [])
+    if rows:
+        lines += [
+            "",
+            f"Each connector while its broker is frozen (SIGSTOP) for "
+            f"{rows[0]['outage_s']:.0f} s, then resumed:",
+            "",
+            "| Connector | RSS before MB | RSS peak in outage MB | RSS after MB "
+            "| CPU s during outage | Recovered | Recovery s | Gap markers |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            recovered = _n(bool(row["recovered"]))
+            if "commands" in row:
+                recovered += (
+                    f" ({row['commands_with_a_result']} of {row['commands']} commands with "
+                    f"one result, {row['duplicate_results']} duplicates)"
+                )
+            lines.append(
+                f"| {row['connector']} | {_n(row['rss_before_mb'], 1)} "
+                f"| {_n(row['rss_peak_mb'], 1)} | {_n(row['rss_after_mb'], 1)} "
+                f"| {_n(row['cpu_s_during_outage'], 1)} | {recovered} "
+                f"| {_n(row['recovery_s'], 1)} | {_n(row.get('gaps_written'))} |"
+            )
+    drops = faults.get("drops")
+    if drops:
+        share = drops["disconnected_share"]
+        lines += [
+            "",
+            f"Cryptomus source while the exchange drops every connection "
+            f"{drops['drop_after_s']:g} s after it opened ({drops['run_s']:.0f} s, back-off "
+            f"{drops['backoff_initial_s']:g}-{drops['backoff_max_s']:g} s): disconnected "
+            f"{_n(None if share is None else share * 100, 1)} % of the time "
+            f"({_n(drops['disconnected_s'], 2)} s, its own counter); the simulator dropped "
+            f"{drops['drops']} connections and accepted {drops['simulator_connections_accepted']}"
+            f", {_n(drops['simulator_gap_s'], 2)} s from drops to the next connection "
+            f"(longest {_n(drops['simulator_gap_max_s'], 2)} s); "
+            f"reconnected at the end: {_n(bool(drops['recovered']))}.",
+        ]
+    return lines
 
 
 def render(folder: Path) -> str:

@@ -79,7 +79,9 @@ def source_config(opts: dict[str, Any]) -> Any:
             topics=Topics(**{f: f"{prefix}.{f}" for f in (*ALL, "dead_letter")}),
         ),
         kafka=replace(KafkaSettings(bootstrap_servers=opts["bootstrap"]), **opts.get("kafka", {})),
-        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=60),
+        runtime=RuntimeSettings(
+            health_host="127.0.0.1", health_port=opts.get("health_port", 0), drain_timeout_s=60
+        ),
     )
 
 
