@@ -802,6 +802,15 @@ def test_find_open_decides_a_delete_only_from_what_open_order_shows(
     assert "18" in check.detail and "btc-try" in check.detail
 
 
+def test_find_open_survives_an_id_too_long_for_int() -> None:
+    """A hostile exchange answer: int() of a 5,000-digit id raises in Python."""
+    text = '{"data": [{"data_id": ' + "9" * 5000 + ', "type": "btc-try"}]}'
+    rows = protocol.data_rows(protocol.decode(text))
+    assert find_open(delete_cmd(), rows).state is OpenState.GONE
+    plain = protocol.data_rows(protocol.decode('{"data": [{"data_id": 18, "type": "btc-try"}]}'))
+    assert find_open(delete_cmd(), plain).state is OpenState.OPEN
+
+
 def test_find_open_matches_the_pair_the_delete_names() -> None:
     rows = answer([open_row(type="eth-try")])
     assert find_open(delete_cmd(pair="eth-try"), rows).state is OpenState.OPEN

@@ -673,7 +673,8 @@ def find_open(cmd: DeleteOrder, open_orders: Sequence[Any]) -> OpenCheck:
         if not isinstance(data_id, JsonNumber) or not data_id.isdigit() or not _is_text(pair):
             unreadable += 1
             continue
-        if int(data_id) == cmd.data_id and pair == cmd.pair:
+        # Compared as text: int() of a hostile 5,000-digit id would raise.
+        if (data_id.lstrip("0") or "0") == str(cmd.data_id) and pair == cmd.pair:
             return OpenCheck(
                 OpenState.OPEN, f"open-order still lists order {cmd.data_id} on {cmd.pair}"
             )
