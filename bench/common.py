@@ -113,13 +113,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size of a live process (``VmHWM``), in MiB."""
+def _status_mb(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    raise BenchError(f"no VmHWM for process {pid}")
+    raise BenchError(f"no {field} for process {pid}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size of a live process (``VmHWM``), in MiB."""
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size now (``VmRSS``), in MiB."""
+    return _status_mb(pid, "VmRSS")
 
 
 def wait_for(

@@ -38,7 +38,15 @@ from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import robicoin, workers
-from bench.common import BenchError, Scale, cpu_seconds, start_process, stop_process, wait_for
+from bench.common import (
+    BenchError,
+    Scale,
+    cpu_seconds,
+    rss_mb,
+    start_process,
+    stop_process,
+    wait_for,
+)
 from bench.simproc import SimProcess
 
 CRYPTOMUS_SIM = "connectors.cryptomus.simulator.SimulatorThread"
@@ -54,15 +62,6 @@ Log = Callable[[str], None]
 
 
 # -- reading the connector -----------------------------------------------------------------
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size now (``VmRSS``), in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise BenchError(f"no VmRSS for process {pid}")
 
 
 def metrics(port: int) -> dict[str, float]:

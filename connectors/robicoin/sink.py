@@ -667,25 +667,14 @@ class RobicoinOrderSink:
         order filled or cancelled before); still open → ``failed`` with the exchange's
         (redacted) ``message``; cannot tell → ``unknown``. It never sends the delete
         again: the exchange has answered it."""
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         exchange_ms = int(spent * 1000)
-        rows: list[Any] | None = None
-        for _ in range(RECONCILE_READS):
-            try:
-                rows = protocol.data_rows(self._signed(protocol.OPEN_ORDER, None).payload)
-                break
-            except RequestFailed as exc:
-                log.warning("checking delete %s: %s; retrying", cmd.command_id, exc)
-                self._sleep(backoff.next_delay())
-            except (AuthError, RejectedError, BadMessage) as exc:
-                log.error("checking delete %s: %s", cmd.command_id, exc)
-                break
+        read = self._read_account(f"checking delete {cmd.command_id}", protocol.OPEN_ORDER)
         m = self.ctx.metrics.reconciliations
-        if rows is None:
+        if read is None:
             m.labels(self.ctx.name, "undecided").inc()
             why = f"delete-order answered {refusal}; open-order could not be read"
             return self._unknown_delete(cmd, why, attempts, exchange_ms)
-        check = cmds.find_open(cmd, rows)
+        check = cmds.find_open(cmd, read[0])
         if check.state is cmds.OpenState.GONE:
             m.labels(self.ctx.name, "not_found").inc()
             log.info("delete %s: %s (%s): already gone", cmd.command_id, refusal, check.detail)
@@ -724,25 +713,32 @@ class RobicoinOrderSink:
         log.warning("command %s was pending at restart; reconciling", cmd.command_id)
         return self._reconcile(cmd, pending_at, 0, None)
 
+    def _read_account(self, what: str, *endpoints: protocol.Endpoint) -> list[list[Any]] | None:
+        """The data rows of each signed ``endpoints`` read, retried on transient
+        failures up to ``RECONCILE_READS`` times; None when they could not be read."""
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        for _ in range(RECONCILE_READS):
+            try:
+                return [
+                    protocol.data_rows(self._signed(endpoint, None).payload)
+                    for endpoint in endpoints
+                ]
+            except RequestFailed as exc:
+                log.warning("%s: %s; retrying", what, exc)
+                self._sleep(backoff.next_delay())
+            except (AuthError, RejectedError, BadMessage) as exc:
+                log.error("%s: %s", what, exc)
+                return None
+        return None
+
     def _reconcile(
         self, cmd: cmds.CreateOrder, pending_at: int, attempts: int, exchange_ms: int | None
     ) -> Outcome:
         """Decide an ambiguous create from the exchange's own state; never resend."""
         self._sleep(self.settings.reconcile_settle_s)
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
-        rows: tuple[list[Any], list[Any]] | None = None
-        for _ in range(RECONCILE_READS):
-            try:
-                open_orders = protocol.data_rows(self._signed(protocol.OPEN_ORDER, None).payload)
-                txs = protocol.data_rows(self._signed(protocol.TRANSACTION, None).payload)
-                rows = (open_orders, txs)
-                break
-            except RequestFailed as exc:
-                log.warning("reconciling %s: %s; retrying", cmd.command_id, exc)
-                self._sleep(backoff.next_delay())
-            except (AuthError, RejectedError, BadMessage) as exc:
-                log.error("reconciling %s: %s", cmd.command_id, exc)
-                break
+        rows = self._read_account(
+            f"reconciling {cmd.command_id}", protocol.OPEN_ORDER, protocol.TRANSACTION
+        )
         m = self.ctx.metrics.reconciliations
         if rows is None:
             m.labels(self.ctx.name, "undecided").inc()

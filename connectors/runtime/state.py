@@ -91,6 +91,18 @@ def read_state(
         consumer.close()
 
 
+def _send(producer: Any, r: OutRecord) -> Any:
+    """Hand one record to a kafka-python producer; returns its future."""
+    return producer.send(
+        r.topic,
+        value=r.value,
+        key=r.key,
+        headers=list(r.headers),
+        timestamp_ms=r.timestamp_ms,
+        partition=r.partition,
+    )
+
+
 def _await(producer: Any, result: Any, what: str, deadline: float) -> None:
     """Wait for a transaction step, but never past ``deadline``: kafka-python's own
     ``commit_transaction()`` and friends wait without one, so a frozen broker would
@@ -212,17 +224,7 @@ class Transactions:
         self.in_flight_since = time.monotonic()
         try:
             producer.begin_transaction()
-            futures = [
-                producer.send(
-                    r.topic,
-                    value=r.value,
-                    key=r.key,
-                    headers=list(r.headers),
-                    timestamp_ms=r.timestamp_ms,
-                    partition=r.partition,
-                )
-                for r in records
-            ]
+            futures = [_send(producer, r) for r in records]
             manager = producer._transaction_manager
             if offsets:
                 _await(
@@ -333,16 +335,7 @@ def write_records(
     except KafkaError as exc:
         raise RetriableError(f"Kafka not reachable: {exc}") from exc
     try:
-        futures = [
-            producer.send(
-                record.topic,
-                value=record.value,
-                key=record.key,
-                headers=list(record.headers),
-                timestamp_ms=record.timestamp_ms,
-            )
-            for record in records
-        ]
+        futures = [_send(producer, record) for record in records]
         for future, record in zip(futures, records, strict=True):
             try:
                 future.get(timeout=timeout_s)
