@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from connectors.robicoin.config import (
     AccountShare,
@@ -159,6 +162,53 @@ def sink_config(
         kafka=KafkaSettings(bootstrap_servers=bootstrap),
         runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0, drain_timeout_s=10),
     )
+
+
+def write_sink_config(
+    path: Path,
+    base_url: str,
+    bootstrap: str,
+    port: int,
+    *,
+    robicoin: dict[str, Any] | None = None,
+    kafka: dict[str, Any] | None = None,
+    runtime: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The sink's YAML file as a user writes it (for tests that run it as a process);
+    ``robicoin``/``kafka``/``runtime`` override keys of those sections."""
+    prefix = unique()
+    cfg: dict[str, Any] = {
+        "robicoin": {
+            "base_url": base_url,
+            "pairs": ["btc-try"],
+            "request_timeout_s": 3,
+            "reconcile_settle_s": 0.2,
+            "command_max_age_s": 0,  # commands may wait through restarts and outages
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            "rate_limit": {"share": {"slots": 1, "slot": 0}},
+            "risk": {"max_orders_per_minute": 0},
+            "auth_guard": {"topic": f"{prefix}.guard"},
+            "consumer": {
+                "group_id": f"{prefix}-orders",
+                "max_poll_interval_ms": 3000,
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "topics": {
+                "commands": f"{prefix}.commands",
+                "results": f"{prefix}.results",
+                "ledger": f"{prefix}.ledger",
+                "dead_letter": f"{prefix}.dlq",
+                "control": f"{prefix}.control",
+            },
+            **(robicoin or {}),
+        },
+        "kafka": {"bootstrap_servers": bootstrap, **(kafka or {})},
+        "runtime": {"health_host": "127.0.0.1", "health_port": port, **(runtime or {})},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg
 
 
 def run_sink(config: Any) -> ConnectorThread:

@@ -10,10 +10,8 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from connectors.robicoin.simulator import (
     DEFAULT_PRIVATE_KEY,
@@ -22,48 +20,13 @@ from connectors.robicoin.simulator import (
     SimulatorThread,
 )
 from connectors.runtime.broker import free_port
-from tests.robicoin_helpers import CommandProducer, create_command
-from tests.utils import T, read_topic, ready, start_connector, unique, values, wait_until
+from tests.robicoin_helpers import CommandProducer, create_command, write_sink_config
+from tests.utils import T, read_topic, ready, start_connector, values, wait_until
 
 pytestmark = pytest.mark.e2e
 
 COMMANDS = 200
 KILLS = 20
-
-
-def write_config(path: Path, base_url: str, bootstrap: str, port: int) -> dict[str, Any]:
-    prefix = unique()
-    cfg: dict[str, Any] = {
-        "robicoin": {
-            "base_url": base_url,
-            "pairs": ["btc-try"],
-            "request_timeout_s": 3,
-            "reconcile_settle_s": 0.2,
-            "command_max_age_s": 0,  # commands wait through many restarts here
-            "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.5,
-            "rate_limit": {"share": {"slots": 1, "slot": 0}},
-            "risk": {"max_orders_per_minute": 0},
-            "auth_guard": {"topic": f"{prefix}.guard"},
-            "consumer": {
-                "group_id": f"{prefix}-orders",
-                "max_poll_interval_ms": 3000,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-            "topics": {
-                "commands": f"{prefix}.commands",
-                "results": f"{prefix}.results",
-                "ledger": f"{prefix}.ledger",
-                "dead_letter": f"{prefix}.dlq",
-                "control": f"{prefix}.control",
-            },
-        },
-        "kafka": {"bootstrap_servers": bootstrap},
-        "runtime": {"health_host": "127.0.0.1", "health_port": port},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return cfg
 
 
 def start(path: Path) -> subprocess.Popen[str]:
@@ -88,7 +51,7 @@ def test_twenty_kill_minus_nine_leave_one_result_and_one_order_per_command(
         # Answers come 0.4 s after the order is placed: a wide window between the
         # exchange call and the ledger write for the kills to land in.
         sim.simulator.set_create_delay(0.4)
-        cfg = write_config(tmp_path / "s.yaml", sim.base_url, kafka_bootstrap, port)
+        cfg = write_sink_config(tmp_path / "s.yaml", sim.base_url, kafka_bootstrap, port)
         t = cfg["robicoin"]["topics"]
         producer = CommandProducer(kafka_bootstrap, t["commands"])
         base = int(time.time() * 1000)

@@ -17,10 +17,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from connectors.robicoin.simulator import (
     DEFAULT_PRIVATE_KEY,
@@ -29,8 +27,8 @@ from connectors.robicoin.simulator import (
     SimulatorThread,
 )
 from connectors.runtime.broker import EmbeddedBroker, free_port
-from tests.robicoin_helpers import CommandProducer, create_command
-from tests.utils import T, read_topic, ready, start_connector, unique, values, wait_until
+from tests.robicoin_helpers import CommandProducer, create_command, write_sink_config
+from tests.utils import T, read_topic, ready, start_connector, values, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -54,41 +52,6 @@ def own_broker() -> Iterator[EmbeddedBroker]:
         if broker.process is not None and broker.process.poll() is None:
             broker.resume()  # a frozen process does not act on SIGTERM
         broker.stop()
-
-
-def write_config(path: Path, base_url: str, bootstrap: str, port: int) -> dict[str, Any]:
-    prefix = unique()
-    cfg: dict[str, Any] = {
-        "robicoin": {
-            "base_url": base_url,
-            "pairs": ["btc-try"],
-            "request_timeout_s": 3,
-            "reconcile_settle_s": 0.2,
-            "command_max_age_s": 0,  # the commands wait through the outage
-            "backoff_initial_s": 0.05,
-            "backoff_max_s": 0.5,
-            "rate_limit": {"share": {"slots": 1, "slot": 0}},
-            "risk": {"max_orders_per_minute": 0},
-            "auth_guard": {"topic": f"{prefix}.guard"},
-            "consumer": {
-                "group_id": f"{prefix}-orders",
-                "max_poll_interval_ms": 3000,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-            "topics": {
-                "commands": f"{prefix}.commands",
-                "results": f"{prefix}.results",
-                "ledger": f"{prefix}.ledger",
-                "dead_letter": f"{prefix}.dlq",
-                "control": f"{prefix}.control",
-            },
-        },
-        "kafka": {"bootstrap_servers": bootstrap},
-        "runtime": {"health_host": "127.0.0.1", "health_port": port},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return cfg
 
 
 def rss_mb(pid: int) -> float:
@@ -116,7 +79,7 @@ def test_a_frozen_kafka_with_commands_waiting_does_not_grow_the_sink(
         "ROBICOIN_PRIVATE_KEY": DEFAULT_PRIVATE_KEY,
     }
     with SimulatorThread(transactions_per_second=0.0, market_orders_per_second=0.0) as sim:
-        cfg = write_config(tmp_path / "sink.yaml", sim.base_url, bootstrap, port)
+        cfg = write_sink_config(tmp_path / "sink.yaml", sim.base_url, bootstrap, port)
         t = cfg["robicoin"]["topics"]
         # Paused by the operator: the commands wait in Kafka and the sink holds them.
         producer = CommandProducer(bootstrap, t["commands"])

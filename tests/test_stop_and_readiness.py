@@ -28,7 +28,7 @@ from connectors.robicoin.simulator import (
     SimulatorThread,
 )
 from connectors.runtime.broker import EmbeddedBroker, free_port
-from tests.robicoin_helpers import CommandProducer, create_command
+from tests.robicoin_helpers import CommandProducer, create_command, write_sink_config
 from tests.test_cryptomus_process import write_config as cryptomus_config
 from tests.utils import T, read_topic, ready, start_connector, unique, wait_until
 
@@ -256,37 +256,20 @@ def test_answers_that_are_html_pages_keep_the_poller_not_ready(
 
 
 def sink_config(path: Path, base_url: str, bootstrap: str, port: int) -> dict[str, Any]:
-    prefix = unique("s")
-    cfg: dict[str, Any] = {
-        "robicoin": {
-            "base_url": base_url,
-            "pairs": ["btc-try"],
+    return write_sink_config(
+        path,
+        base_url,
+        bootstrap,
+        port,
+        robicoin={
             "request_timeout_s": 1,
-            "reconcile_settle_s": 0.2,
+            "command_max_age_s": 60,
             "backoff_initial_s": 0.5,
             "backoff_max_s": 2,
-            "rate_limit": {"share": {"slots": 1, "slot": 0}},
-            "risk": {"max_orders_per_minute": 0},
-            "auth_guard": {"topic": f"{prefix}.guard"},
-            "consumer": {
-                "group_id": f"{prefix}-orders",
-                "max_poll_interval_ms": 3000,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-            },
-            "topics": {
-                "commands": f"{prefix}.commands",
-                "results": f"{prefix}.results",
-                "ledger": f"{prefix}.ledger",
-                "dead_letter": f"{prefix}.dlq",
-                "control": f"{prefix}.control",
-            },
         },
-        "kafka": {"bootstrap_servers": bootstrap, **KAFKA_FAST},
-        "runtime": {"health_host": "127.0.0.1", "health_port": port, "drain_timeout_s": 10},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return cfg
+        kafka=KAFKA_FAST,
+        runtime={"drain_timeout_s": 10},
+    )
 
 
 def start_sink(path: Path) -> subprocess.Popen[str]:
