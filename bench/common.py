@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from connectors.runtime.kafka import assign_from_beginning
+from connectors.testing.topics import reader
+from connectors.testing.waits import wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -134,11 +136,8 @@ def rss_mb(pid: int) -> float:
 def wait_for(
     check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
+    """The testing kit's wait, failing the benchmark run (not a test) when it times out."""
+    wait_until(check, timeout_s, what, interval_s, error=BenchError)
 
 
 # -- statistics --------------------------------------------------------------------------
@@ -185,25 +184,9 @@ def read_back(
     """Read every partition of ``topics`` from the start until ``expected`` records were
     seen or nothing new arrived for ``idle_s`` (end offsets are not trusted: some
     brokers report them wrong). Keeps the first ``keep`` records."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-    )
+    consumer = reader(bootstrap, max_partition_fetch_bytes=8 * 1024 * 1024)
     try:
-        parts: list[TopicPartition] = []
-        for topic in topics:
-            partitions = None
-            deadline = time.monotonic() + 10
-            while not partitions and time.monotonic() < deadline:
-                partitions = consumer.partitions_for_topic(topic)
-                if not partitions:
-                    time.sleep(0.1)
-            parts.extend(TopicPartition(topic, p) for p in sorted(partitions or ()))
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
+        assign_from_beginning(consumer, topics, timeout_s=10)
         counts = dict.fromkeys(topics, 0)
         kept: list[Any] = []
         total = 0

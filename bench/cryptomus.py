@@ -1,7 +1,7 @@
 """Cryptomus WebSocket source: limits, latency at fixed rates, saturation, naive peer.
 
 One simulator process serves every run (updates off: it sends only what a run asks
-for, with :meth:`CryptomusSimulator.send_burst`). Each run gets a fresh connector
+for, with :func:`bench.loadgen.send_burst`). Each run gets a fresh connector
 process and fresh topics, so its CPU and peak RSS are its own. A run:
 
 1. start the connector (or the naive peer), wait until it subscribed the four public
@@ -40,11 +40,12 @@ from bench.common import (
     start_process,
     wait_for,
 )
+from bench.loadgen import send_burst
 from bench.profile import Sampler
 from bench.simproc import SimProcess
-from connectors.cryptomus.simulator import DEFAULT_API_KEY, DEFAULT_USER_ID
+from connectors.simulators.cryptomus import DEFAULT_API_KEY, DEFAULT_USER_ID
 
-SIM = "connectors.cryptomus.simulator.SimulatorThread"
+SIM = "connectors.simulators.cryptomus.CryptomusSimulator"
 #: A fixed rate is "sustained" when the simulator kept to it (no TCP back-pressure),
 #: nothing was lost, and no backlog built up (p99 added latency under this bound).
 SUSTAINED_SEND_RATIO = 0.97
@@ -122,7 +123,7 @@ class CryptomusBench:
             assert proc.pid is not None
             cpu0 = cpu_seconds(proc.pid)
             sampler = Sampler(proc.pid, profile) if profile else None
-            sent = self.sim.call("send_burst", frames, rate, timeout_s=900)
+            sent = self.sim.call(send_burst, frames, rate, timeout_s=900)
             send_s = (sent[-1][0] - sent[0][0]) / 1e9 if len(sent) > 1 else 0.0
             expected = sum(n for _, _, n in sent)
             disconnected = len(sent) < frames
@@ -239,7 +240,7 @@ class CryptomusBench:
             wait_for(
                 lambda: counters[workers.EVENTS_ACKED] >= len(workers.MARKETS), 30, "snapshots"
             )
-            sent = self.sim.call("send_burst", frames, None, timeout_s=900)
+            sent = self.sim.call(send_burst, frames, None, timeout_s=900)
             result = out.get(timeout=300)
         finally:
             proc.join(10)
@@ -260,7 +261,8 @@ class CryptomusBench:
     def producer_limit(self, backend: str = "kafka-python") -> dict[str, Any]:
         if not self.sample:
             raise BenchError("no sample records: run a connector run with keep= first")
-        from connectors.runtime.kafka import KafkaSettings, ensure_topics
+        from connectors.runtime.kafka import ensure_topics
+        from connectors.runtime.settings import KafkaSettings
 
         n = self.scale.producer_records
         prefix = f"bench.{uuid.uuid4().hex[:8]}"

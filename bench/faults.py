@@ -49,7 +49,7 @@ from bench.common import (
 )
 from bench.simproc import SimProcess
 
-CRYPTOMUS_SIM = "connectors.cryptomus.simulator.SimulatorThread"
+CRYPTOMUS_SIM = "connectors.simulators.cryptomus.CryptomusSimulator"
 #: Commands waiting in Kafka for the paused sink while the broker is frozen.
 SINK_COMMANDS = 10
 #: Seconds the connector runs before and after the outage before memory is read.
@@ -97,15 +97,10 @@ def _pid(proc: SpawnProcess) -> int:
 @contextmanager
 def own_broker() -> Iterator[Any]:
     """An embedded broker only this run uses; resumed (SIGCONT) before it is stopped."""
-    from connectors.runtime.broker import EmbeddedBroker
+    from connectors.testing.brokers import own_broker as started
 
-    broker = EmbeddedBroker().start()
-    try:
+    with started() as broker:
         yield broker
-    finally:
-        if broker.process is not None and broker.process.poll() is None:
-            broker.resume()  # a frozen process does not act on SIGTERM
-        broker.stop()
 
 
 @dataclass
@@ -192,7 +187,7 @@ def source_child(opts: dict[str, Any]) -> None:
 
 
 def _source_opts(sim: SimProcess, bootstrap: str, port: int) -> dict[str, Any]:
-    from connectors.cryptomus.simulator import DEFAULT_API_KEY, DEFAULT_USER_ID
+    from connectors.simulators.cryptomus import DEFAULT_API_KEY, DEFAULT_USER_ID
 
     return {
         "ws_url": sim.info["ws_url"],

@@ -29,7 +29,7 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 import requests
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 
 from bench.common import (
     FULL,
@@ -45,8 +45,9 @@ from bench.common import (
     wait_for,
 )
 from bench.simproc import SimProcess
+from connectors.testing.topics import reader
 
-SIMULATOR = "connectors.robicoin.simulator.SimulatorThread"
+SIMULATOR = "connectors.simulators.robicoin.RobicoinSimulator"
 #: Account activity of the simulated exchange (its default rates, a fixed seed): new
 #: transactions and market orders per second, so the incremental streams have news.
 SIM_ACTIVITY = {"transactions_per_second": 2.0, "market_orders_per_second": 4.0, "seed": 7}
@@ -97,20 +98,9 @@ def _wait_ready(proc: SpawnProcess, port: int, what: str) -> float:
 
 
 def _credentials() -> Any:
-    from connectors.robicoin.config import CredentialSettings
-    from connectors.robicoin.simulator import (
-        DEFAULT_PRIVATE_KEY,
-        DEFAULT_PUBLIC_ID,
-        DEFAULT_PUBLIC_KEY,
-    )
-    from connectors.runtime.config import Secret
+    from connectors.testing.robicoin import credentials
 
-    # The simulator's own built-in account; nothing here is a real secret.
-    return CredentialSettings(
-        public_key=Secret(DEFAULT_PUBLIC_KEY),
-        public_id=Secret(DEFAULT_PUBLIC_ID),
-        private_key=Secret(DEFAULT_PRIVATE_KEY),
-    )
+    return credentials()
 
 
 def _run_child(plugin: Any, config: Any) -> None:
@@ -157,34 +147,21 @@ def poller_config(
     limiter allows (``interval_s: 0``), all ticker windows, the documented limits
     (10 per 100 ms ticker, 1 per 100 ms the rest) and the account's whole budget
     (``share.slots: 1``: no order sink on this account)."""
-    from connectors.robicoin.config import (
-        AccountShare,
-        AuthGuardSettings,
-        Limit,
-        RateLimitSettings,
-        RobicoinConfig,
-        RobicoinSettings,
-        SnapshotStream,
-        Streams,
-        StreamSettings,
-        TickerStream,
-        Topics,
-    )
-    from connectors.runtime.app import RuntimeSettings
-    from connectors.runtime.kafka import KafkaSettings
+    from connectors.robicoin import config as rc
+    from connectors.runtime.settings import KafkaSettings, RuntimeSettings
 
-    return RobicoinConfig(
-        robicoin=RobicoinSettings(
+    return rc.RobicoinConfig(
+        robicoin=rc.RobicoinSettings(
             base_url=base_url,
             credentials=_credentials(),
-            streams=Streams(
-                ticker=TickerStream(interval_s=0.0, windows=list(TICKER_WINDOWS)),
-                order=StreamSettings(interval_s=0.0),
-                balance=SnapshotStream(interval_s=0.0),
-                transaction=StreamSettings(interval_s=0.0),
-                open_order=SnapshotStream(interval_s=0.0),
+            streams=rc.Streams(
+                ticker=rc.TickerStream(interval_s=0.0, windows=list(TICKER_WINDOWS)),
+                order=rc.StreamSettings(interval_s=0.0),
+                balance=rc.SnapshotStream(interval_s=0.0),
+                transaction=rc.StreamSettings(interval_s=0.0),
+                open_order=rc.SnapshotStream(interval_s=0.0),
             ),
-            topics=Topics(
+            topics=rc.Topics(
                 ticker=f"{prefix}.ticker",
                 order=f"{prefix}.orders",
                 balance=f"{prefix}.balances",
@@ -193,13 +170,13 @@ def poller_config(
                 dead_letter=f"{prefix}.dead-letter",
                 state=f"{prefix}.state",
             ),
-            rate_limit=RateLimitSettings(
+            rate_limit=rc.RateLimitSettings(
                 margin=margin,
-                ticker=Limit(10, 0.1),
-                other=Limit(1, 0.1),
-                share=AccountShare(slots=1, slot=0),
+                ticker=rc.Limit(10, 0.1),
+                other=rc.Limit(1, 0.1),
+                share=rc.AccountShare(slots=1, slot=0),
             ),
-            auth_guard=AuthGuardSettings(topic=f"{prefix}.guard"),
+            auth_guard=rc.AuthGuardSettings(topic=f"{prefix}.guard"),
             transactional_id=f"{prefix}-poller",
         ),
         kafka=KafkaSettings(bootstrap_servers=bootstrap),
@@ -358,10 +335,9 @@ def sink_config(
         OrderSinkConfig,
         OrderSinkSettings,
         RiskSettings,
-        SinkTopics,
     )
-    from connectors.runtime.app import RuntimeSettings
-    from connectors.runtime.kafka import KafkaSettings
+    from connectors.runtime.settings import KafkaSettings, RuntimeSettings
+    from connectors.testing.robicoin import sink_topics
 
     return OrderSinkConfig(
         robicoin=OrderSinkSettings(
@@ -371,13 +347,7 @@ def sink_config(
             pairs=list(_MARKETS),
             command_max_age_s=300.0,
             risk=RiskSettings(max_orders_per_minute=int(ORDER_LIMIT_PER_S * 60)),
-            topics=SinkTopics(
-                commands=f"{prefix}.commands",
-                results=f"{prefix}.results",
-                ledger=f"{prefix}.ledger",
-                dead_letter=f"{prefix}.dead-letter",
-                control=f"{prefix}.control",
-            ),
+            topics=sink_topics(prefix),
             consumer=ConsumerSettings(
                 group_id=f"{prefix}-orders",
                 max_poll_interval_ms=SINK_MAX_POLL_INTERVAL_MS,
@@ -442,14 +412,7 @@ class _Results:
     """Reads the results topic as a downstream service would (``read_committed``)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            fetch_max_wait_ms=50,
-        )
+        self._consumer = reader(bootstrap, committed=True, fetch_max_wait_ms=50)
         parts: set[int] | None = None
         deadline = time.monotonic() + 20
         while not parts and time.monotonic() < deadline:

@@ -1,25 +1,29 @@
 """A package simulator in its own process, driven over a pipe.
 
-The load generator must not share a GIL with the connector it loads, so the
-simulator's ``SimulatorThread`` runs in a spawned child and each call of
-:meth:`SimProcess.call` is forwarded there by name.
+The load generator must not share a GIL with the connector it loads, so the simulator
+runs under a :class:`~connectors.simulators.harness.Harness` in a spawned child. Each
+:meth:`SimProcess.call` names a method of the simulator's ``control`` (forwarded there by
+name), or passes a module-level function (``bench.loadgen.send_burst``) that the child
+calls with the harness.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.common import SPAWN, BenchError
+from connectors.simulators.harness import Harness
 
 
 def _serve(conn: Connection, cls_path: str, options: dict[str, Any]) -> None:
     module, _, name = cls_path.rpartition(".")
-    sim = getattr(importlib.import_module(module), name)(**options).start()
+    sim = Harness(getattr(importlib.import_module(module), name)(**options)).start()
     info = {"base_url": sim.base_url, "port": sim.port}
-    if hasattr(sim, "ws_url"):
+    if hasattr(sim.simulator, "ws_url"):
         info["ws_url"] = sim.ws_url
     conn.send(("ready", info))
     try:
@@ -31,7 +35,10 @@ def _serve(conn: Connection, cls_path: str, options: dict[str, Any]) -> None:
             if method == "__stop__":
                 return
             try:
-                attr = getattr(sim, method)
+                if callable(method):
+                    conn.send(("ok", method(sim, *args, **kwargs)))
+                    continue
+                attr = getattr(sim.control, method)
                 conn.send(("ok", attr(*args, **kwargs) if callable(attr) else attr))
             except Exception as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -40,7 +47,7 @@ def _serve(conn: Connection, cls_path: str, options: dict[str, Any]) -> None:
 
 
 class SimProcess:
-    """``SimProcess("connectors.cryptomus.simulator.SimulatorThread", seed=1)``."""
+    """``SimProcess("connectors.simulators.cryptomus.CryptomusSimulator", seed=1)``."""
 
     def __init__(self, cls_path: str, **options: Any) -> None:
         self._cls_path = cls_path
@@ -64,13 +71,22 @@ class SimProcess:
         assert self.process.pid is not None
         return self.process.pid
 
-    def call(self, method: str, *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> Any:
+    def call(
+        self,
+        method: str | Callable[..., Any],
+        *args: Any,
+        timeout_s: float = 600.0,
+        **kwargs: Any,
+    ) -> Any:
+        """``control.<method>(*args, **kwargs)`` in the child, or ``method(harness, ...)``
+        for a module-level function (sent by reference, so the child imports it)."""
+        name = method if isinstance(method, str) else method.__qualname__
         self._conn.send((method, args, kwargs))
         if not self._conn.poll(timeout_s):
-            raise BenchError(f"simulator call {method} did not answer in {timeout_s}s")
+            raise BenchError(f"simulator call {name} did not answer in {timeout_s}s")
         status, value = self._conn.recv()
         if status != "ok":
-            raise BenchError(f"simulator call {method} failed: {value}")
+            raise BenchError(f"simulator call {name} failed: {value}")
         return value
 
     def stop(self) -> None:

@@ -6,7 +6,7 @@ wait without reading Kafka (which would steal CPU from what is being measured).
 
 * :func:`source_worker` runs the real ``cryptomus-ws`` connector through the runtime's
   ``run_connector``, exactly as ``exchange-connectors run`` does. The only addition is
-  timing: ``Delivery.send`` and ``Delivery._on_ack`` are wrapped to note, per record,
+  timing: the runner gets a producer factory that wraps the real producer to note, per record,
   whether it is an exchange event and when the broker acknowledged it.
 * :func:`ws_receiver` is the raw WebSocket limit: token, subscribe, count frames.
 * :func:`producer_limit` is the raw producer limit: the connector's own producer
@@ -59,9 +59,8 @@ def source_config(opts: dict[str, Any]) -> Any:
         Topics,
     )
     from connectors.cryptomus.protocol import CHANNELS as ALL
-    from connectors.runtime.app import RuntimeSettings
     from connectors.runtime.config import Secret
-    from connectors.runtime.kafka import KafkaSettings
+    from connectors.runtime.settings import KafkaSettings, RuntimeSettings
 
     prefix = opts["prefix"]
     return CryptomusConfig(
@@ -86,35 +85,72 @@ def source_config(opts: dict[str, Any]) -> Any:
 
 
 def source_worker(opts: dict[str, Any], counters: Any, out: Any) -> None:
-    """Run ``cryptomus-ws`` until SIGTERM; report every event record's ack time."""
+    """Run ``cryptomus-ws`` until SIGTERM; report every event record's ack time.
+
+    The runner is handed a producer factory that wraps the configured producer: each
+    send is noted (event or marker) and gets one more callback, which records when the
+    broker acknowledged it. Nothing in the connector is patched."""
     _quiet()
     from connectors.cryptomus.plugin import PLUGIN
     from connectors.runtime.app import run_connector
-    from connectors.runtime.kafka import Delivery, OutRecord
+    from connectors.runtime.kafka import create_producer
+    from connectors.runtime.producer import Producer, SendFuture
+    from connectors.runtime.settings import KafkaSettings
 
     is_event: list[bool] = []
     acked_at: dict[int, int] = {}
-    send, on_ack = Delivery.send, Delivery._on_ack
     event_header = ("kind", b"event")
 
-    def timed_send(self: Delivery, record: OutRecord) -> None:
-        event = event_header in record.headers
-        is_event.append(event)
-        counters[RECORDS_SENT] += 1
-        if event:
-            counters[EVENTS_SENT] += 1
-        send(self, record)
-
-    def timed_ack(self: Delivery, seq: int, channel: str, metadata: Any) -> None:
+    def acked(seq: int, _metadata: Any) -> None:
         acked_at[seq] = time.monotonic_ns()
-        on_ack(self, seq, channel, metadata)
         counters[RECORDS_ACKED] += 1
         if is_event[seq]:
             counters[EVENTS_ACKED] += 1
 
-    Delivery.send = timed_send  # type: ignore[method-assign]
-    Delivery._on_ack = timed_ack  # type: ignore[method-assign,assignment]
-    result = asyncio.run(run_connector(PLUGIN, source_config(opts)))
+    class TimedProducer:
+        def __init__(self, inner: Producer) -> None:
+            self.inner = inner
+
+        def send(
+            self,
+            topic: str,
+            *,
+            value: bytes | None = None,
+            key: bytes | None = None,
+            headers: list[tuple[str, bytes]] | None = None,
+            timestamp_ms: int | None = None,
+            partition: int | None = None,
+        ) -> SendFuture:
+            event = event_header in (headers or ())
+            seq = len(is_event)
+            is_event.append(event)
+            counters[RECORDS_SENT] += 1
+            if event:
+                counters[EVENTS_SENT] += 1
+            future = self.inner.send(
+                topic,
+                value=value,
+                key=key,
+                headers=headers,
+                timestamp_ms=timestamp_ms,
+                partition=partition,
+            )
+            future.add_callback(acked, seq)
+            return future
+
+        def partitions_for(self, topic: str) -> Any:
+            return self.inner.partitions_for(topic)
+
+        def flush(self, timeout: float | None = None) -> None:
+            self.inner.flush(timeout)
+
+        def close(self, timeout: float | None = None) -> None:
+            self.inner.close(timeout)
+
+    def timed(settings: KafkaSettings) -> Producer:
+        return TimedProducer(create_producer(settings))
+
+    result = asyncio.run(run_connector(PLUGIN, source_config(opts), producer_factory=timed))
     events = [acked_at.get(i, 0) for i, ev in enumerate(is_event) if ev]
     out.put({"exit_code": result.exit_code, "error": result.error, "acks": events, **_usage()})
 
@@ -136,7 +172,7 @@ async def _subscribed_socket(opts: dict[str, Any], connect: Any) -> Any:
         f"{opts['ws_url']}?token={token}", ping_interval=None, max_size=None, compression=None
     )
     for i, channel in enumerate(CHANNELS, 1):
-        await ws.send(protocol.subscribe(i, channel, subscribe_params(channel)))
+        await ws.send(protocol.DIALECT.subscribe(i, channel, subscribe_params(channel)))
     return ws
 
 
@@ -173,7 +209,8 @@ Record = tuple[str, bytes | None, bytes, list[Any]]
 def producer_limit(bootstrap: str, records: list[Record], backend: str, out: Any) -> None:
     """Send ``records`` as fast as the producer takes them, with the connector's settings."""
     _quiet()
-    from connectors.runtime.kafka import KafkaSettings, producer_config
+    from connectors.runtime.kafka import producer_config
+    from connectors.runtime.settings import KafkaSettings
 
     settings = KafkaSettings(bootstrap_servers=bootstrap)
     failures: list[BaseException] = []

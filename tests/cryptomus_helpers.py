@@ -8,11 +8,11 @@ from typing import Any
 from connectors.cryptomus.config import Credentials, CryptomusConfig, CryptomusSettings, Topics
 from connectors.cryptomus.plugin import PLUGIN
 from connectors.cryptomus.protocol import CHANNELS
-from connectors.cryptomus.simulator import DEFAULT_API_KEY, DEFAULT_USER_ID, SimulatorThread
-from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.config import Secret
-from connectors.runtime.kafka import KafkaSettings
-from tests.utils import ConnectorThread, unique
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings
+from connectors.simulators.cryptomus import DEFAULT_API_KEY, DEFAULT_USER_ID, CryptomusSimulator
+from connectors.simulators.harness import Harness
+from connectors.testing import ConnectorThread, unique
 
 
 def topics(prefix: str) -> Topics:
@@ -20,7 +20,7 @@ def topics(prefix: str) -> Topics:
 
 
 def make_config(
-    sim: SimulatorThread,
+    sim: Harness[CryptomusSimulator],
     bootstrap: str,
     *,
     prefix: str | None = None,

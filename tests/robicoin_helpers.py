@@ -12,7 +12,6 @@ import yaml
 from connectors.robicoin.config import (
     AccountShare,
     AuthGuardSettings,
-    CredentialSettings,
     RateLimitSettings,
     RobicoinConfig,
     RobicoinSettings,
@@ -23,15 +22,14 @@ from connectors.robicoin.config import (
     Topics,
 )
 from connectors.robicoin.plugin import PLUGIN
-from connectors.robicoin.simulator import (
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings
+from connectors.simulators.robicoin import (
     DEFAULT_PRIVATE_KEY,
     DEFAULT_PUBLIC_ID,
     DEFAULT_PUBLIC_KEY,
 )
-from connectors.runtime.app import RuntimeSettings
-from connectors.runtime.config import Secret
-from connectors.runtime.kafka import KafkaSettings
-from tests.utils import ConnectorThread, unique
+from connectors.testing import ConnectorThread, unique
+from connectors.testing.robicoin import credentials, sink_topics
 
 CHANNEL_FIELDS = ("ticker", "order", "balance", "transaction", "open_order")
 
@@ -76,11 +74,7 @@ def make_config(
     prefix = prefix or unique()
     base = RobicoinSettings(
         base_url=base_url,
-        credentials=CredentialSettings(
-            public_key=Secret(public_key),
-            public_id=Secret(public_id),
-            private_key=Secret(private_key),
-        ),
+        credentials=credentials(public_key, public_id, private_key),
         streams=streams(),
         topics=topics(prefix),
         auth_guard=AuthGuardSettings(
@@ -122,24 +116,13 @@ def sink_config(
         OrderSinkConfig,
         OrderSinkSettings,
         RiskSettings,
-        SinkTopics,
     )
 
     prefix = prefix or unique()
     base = OrderSinkSettings(
         base_url=base_url,
-        credentials=CredentialSettings(
-            public_key=Secret(DEFAULT_PUBLIC_KEY),
-            public_id=Secret(DEFAULT_PUBLIC_ID),
-            private_key=Secret(DEFAULT_PRIVATE_KEY),
-        ),
-        topics=SinkTopics(
-            commands=f"{prefix}.commands",
-            results=f"{prefix}.results",
-            ledger=f"{prefix}.ledger",
-            dead_letter=f"{prefix}.dlq",
-            control=f"{prefix}.control",
-        ),
+        credentials=credentials(),
+        topics=sink_topics(prefix),
         consumer=ConsumerSettings(
             group_id=f"{prefix}-orders",
             max_poll_interval_ms=3000,

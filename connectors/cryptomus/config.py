@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from connectors.cryptomus.protocol import CHANNELS
-from connectors.runtime.app import RuntimeSettings
-from connectors.runtime.config import Secret, positive, read_secret
+from connectors.runtime.config import Secret, positive, read_secrets
 from connectors.runtime.errors import ConfigError
-from connectors.runtime.kafka import KafkaSettings
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings, StreamSettings
 
 USER_ID_ENV = "CRYPTOMUS_USER_ID"
 API_KEY_ENV = "CRYPTOMUS_API_KEY"
+#: The server closes a connection that sent nothing for this long (spec: 60 s).
+IDLE_LIMIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -27,18 +29,8 @@ class Credentials:
         return "Credentials(***)"
 
     def resolve(self) -> tuple[Secret, Secret]:
-        user = read_secret(
-            value=self.user_id.reveal() if self.user_id else None,
-            file=self.user_id_file,
-            env=USER_ID_ENV,
-            what="cryptomus.credentials.user_id",
-        )
-        key = read_secret(
-            value=self.api_key.reveal() if self.api_key else None,
-            file=self.api_key_file,
-            env=API_KEY_ENV,
-            what="cryptomus.credentials.api_key",
-        )
+        envs = {"user_id": USER_ID_ENV, "api_key": API_KEY_ENV}
+        user, key = read_secrets(self, "cryptomus.credentials", envs)
         assert user is not None and key is not None
         return user, key
 
@@ -91,9 +83,8 @@ class CryptomusSettings:
     topics: Topics = field(default_factory=Topics)
 
     def validate(self) -> None:
-        for name in ("ping_timeout_s", "connect_timeout_s", "request_timeout_s", "http_timeout_s"):
-            positive(f"cryptomus.{name}", getattr(self, name))
-        positive("cryptomus.max_frame_bytes", self.max_frame_bytes, "bytes")
+        self.stream.validate("cryptomus", idle_limit_s=IDLE_LIMIT_S)
+        positive("cryptomus.http_timeout_s", self.http_timeout_s)
         unknown = [c for c in self.channels if c not in CHANNELS]
         if unknown:
             raise ConfigError(
@@ -105,16 +96,16 @@ class CryptomusSettings:
             raise ConfigError("cryptomus.markets: 'all' or a list of symbols")
         if isinstance(self.markets, list) and not self.markets:
             raise ConfigError("cryptomus.markets: the list is empty")
-        if not 0 < self.ping_interval_s < 60:
-            raise ConfigError(
-                "cryptomus.ping_interval_s must be under the server's 60 s idle limit"
-            )
-        if self.stale_after_s <= self.ping_interval_s:
-            raise ConfigError("cryptomus.stale_after_s must be longer than ping_interval_s")
         if self.market_refresh_s < 0:
             raise ConfigError("cryptomus.market_refresh_s: 0 (never) or a positive number")
-        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
-            raise ConfigError("cryptomus.backoff_*: need 0 < initial <= max")
+
+    @property
+    def stream(self) -> StreamSettings:
+        """The streaming runtime's settings (the same keys; the plan is the market list)."""
+        same: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in fields(StreamSettings) if hasattr(self, f.name)
+        }
+        return StreamSettings(**same, plan_refresh_s=self.market_refresh_s)
 
     @property
     def market_list(self) -> list[str] | None:

@@ -6,29 +6,31 @@ import contextlib
 from typing import Any
 
 from connectors.cryptomus.config import Credentials, CryptomusConfig, CryptomusSettings
-from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.config import Secret
-from connectors.runtime.kafka import KafkaSettings
 from connectors.runtime.plugins import Connector, ConnectorPlugin, DemoPart
+from connectors.runtime.settings import demo_sections
 
 
 def _create(config: Any) -> Connector:
-    from connectors.cryptomus.source import CryptomusSource
+    from connectors.cryptomus.stream import CryptomusStream
+    from connectors.runtime.streaming import StreamingSource
 
-    return CryptomusSource(config)
+    return StreamingSource(CryptomusStream(config))
 
 
 def _simulate(host: str, port: int, rate: float) -> None:
-    from connectors.cryptomus import simulator
+    from connectors.simulators.cryptomus import CryptomusSimulator
+    from connectors.simulators.harness import serve_in_foreground
 
-    simulator.main(port=port, updates_per_second=rate, host=host)
+    serve_in_foreground(CryptomusSimulator(host=host, port=port, updates_per_second=rate))
 
 
 def _demo(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
     from connectors.cryptomus.protocol import CHANNELS
-    from connectors.cryptomus.simulator import DEFAULT_API_KEY, DEFAULT_USER_ID, SimulatorThread
+    from connectors.simulators.cryptomus import DEFAULT_API_KEY, DEFAULT_USER_ID, CryptomusSimulator
+    from connectors.simulators.harness import Harness
 
-    sim = stack.enter_context(SimulatorThread(updates_per_second=4.0))
+    sim = stack.enter_context(Harness(CryptomusSimulator(updates_per_second=4.0)))
     config = CryptomusConfig(
         cryptomus=CryptomusSettings(
             ws_url=sim.ws_url,
@@ -39,8 +41,7 @@ def _demo(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
                 user_id=Secret(DEFAULT_USER_ID), api_key=Secret(DEFAULT_API_KEY)
             ),
         ),
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
-        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0),
+        **demo_sections(bootstrap),
     )
     return DemoPart(config=config)
 

@@ -1,8 +1,9 @@
 """Cryptomus WebSocket protocol: frames in, typed events out; requests built as text.
 
 Pure functions only: no sockets, no Kafka, no clock. Decimals keep the exchange's
-exact text: JSON numbers are decoded into :class:`JsonNumber` (a ``str`` holding the
-literal), so ``0.00000001`` stays ``"0.00000001"`` (``Decimal`` would print ``1E-8``).
+exact text: JSON numbers are decoded into :class:`~connectors.runtime.wire.JsonNumber`
+(a ``str`` holding the literal), so ``0.00000001`` stays ``"0.00000001"`` (``Decimal``
+would print ``1E-8``), and are checked with the one wire layer (:mod:`connectors.runtime.wire`).
 
 Sample update frame::
 
@@ -14,82 +15,32 @@ Sample update frame::
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import InvalidOperation
 from typing import Any
 
+from connectors.runtime import wire
 from connectors.runtime.errors import BadMessage, ConfigError
+from connectors.runtime.records import Event as Event
+from connectors.runtime.session import ErrorInfo, Reply, Update
 
 EXCHANGE = "cryptomus"
 PUBLIC_CHANNELS = ("lastprice", "depth", "ticker", "trade")
 PRIVATE_CHANNELS = ("order", "balance", "deal")
 CHANNELS = PUBLIC_CHANNELS + PRIVATE_CHANNELS
 
-_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _REPLY_METHODS = {"pong", "ping"} | {
     f"{c}_{op}" for c in CHANNELS for op in ("subscribe", "unsubscribe")
 }
 
 
-class JsonNumber(str):
-    """The exact text of a JSON number as the exchange wrote it."""
-
-    __slots__ = ()
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def loads(text: str | bytes) -> Any:
-    """Decode JSON keeping every number's text; raises BadMessage(invalid_json)."""
-    try:
-        return json.loads(
-            text, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant
-        )
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadMessage("invalid_json", str(exc)) from None
+#: Decode JSON keeping every number's text (:func:`connectors.runtime.wire.loads`);
+#: raises ``BadMessage("invalid_json")``.
+loads = wire.loads
 
 
 # -- frames ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    code: int | None
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Answer to one of our requests (pong, subscription status) or an error answer."""
-
-    id: str | None
-    method: str | None
-    data: Any
-    error: ErrorInfo | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One normalized record: ``key`` is the market symbol (currency for balances)."""
-
-    channel: str
-    key: str
-    event_time_ms: int | None
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    channel: str
-    events: list[Event]
 
 
 def _id(value: Any) -> str | None:
@@ -151,66 +102,19 @@ def parse_frame(text: str | bytes) -> Reply | Update:
 # -- field helpers ---------------------------------------------------------------------
 
 
-def _need(obj: Any, key: str) -> Any:
-    if not isinstance(obj, Mapping):
-        raise BadMessage("invalid_payload", f"expected an object holding {key!r}")
-    if key not in obj:
-        raise BadMessage("invalid_payload", f"missing field {key!r}")
-    return obj[key]
-
-
-def dec(value: Any, field: str) -> str:
-    """An exact decimal as text: a JSON string or JSON number holding a finite decimal."""
-    if isinstance(value, str) and _DECIMAL.fullmatch(value):
-        return str(value)
-    raise BadMessage("invalid_payload", f"{field} is not a decimal: {str(value)[:40]!r}")
-
-
-def opt_dec(value: Any, field: str) -> str | None:
-    return None if value is None else dec(value, field)
-
-
-def ts_ms(value: Any, field: str) -> int:
-    """Unix seconds (integer or decimal) to integer milliseconds."""
-    if isinstance(value, str) and _DECIMAL.fullmatch(value):
-        ms = Decimal(value) * 1000
-        if ms >= 0:
-            return int(ms)
-    raise BadMessage("invalid_payload", f"{field} is not a Unix timestamp: {str(value)[:40]!r}")
-
-
-def opt_ts_ms(value: Any, field: str) -> int | None:
-    return None if value is None else ts_ms(value, field)
-
-
-def text(value: Any, field: str) -> str:
-    if isinstance(value, str) and not isinstance(value, JsonNumber) and value:
-        return value
-    raise BadMessage("invalid_payload", f"{field} is not a non-empty string")
-
-
-def opt_text(value: Any, field: str) -> str | None:
-    return None if value is None else text(value, field)
-
-
-def one_of(value: Any, field: str, allowed: Iterable[str]) -> str:
-    if isinstance(value, str) and value in allowed:
-        return str(value)
-    raise BadMessage(
-        "invalid_payload", f"{field} is {str(value)[:40]!r}, not one of {sorted(allowed)}"
-    )
-
-
-def integer(value: Any, field: str) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\d+", value):
-        return int(value)
-    raise BadMessage("invalid_payload", f"{field} is not an integer: {str(value)[:40]!r}")
-
-
-def boolean(value: Any, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise BadMessage("invalid_payload", f"{field} is not true/false")
+#: Every mistake in an update's data is ``invalid_payload`` on Cryptomus.
+_FIELDS = wire.Fields.uniform("invalid_payload")
+_need = _FIELDS.need
+dec = _FIELDS.decimal
+opt_dec = _FIELDS.opt_decimal
+#: Unix seconds (integer or decimal) to integer milliseconds.
+ts_ms = _FIELDS.unix_ms
+opt_ts_ms = _FIELDS.opt_unix_ms
+text = _FIELDS.text
+opt_text = _FIELDS.opt_text
+one_of = _FIELDS.one_of
+integer = _FIELDS.integer
+boolean = _FIELDS.boolean
 
 
 def _levels(value: Any, field: str) -> list[list[str]]:
@@ -369,24 +273,35 @@ _UPDATE_PARSERS: dict[str, Callable[[Any], list[Event]]] = {
 # -- requests ------------------------------------------------------------------------------
 
 
-def request(req_id: int, method: str, params: Sequence[str] = ()) -> str:
-    return json.dumps(
-        {"id": req_id, "method": method, "params": list(params)}, separators=(",", ":")
-    )
+class CryptomusDialect:
+    """How Cryptomus spells requests (``{"id":..,"method":..,"params":[..]}``) and
+    frames: the :class:`~connectors.runtime.session.Dialect` of the streaming runtime."""
+
+    #: 1 = wrong request, 2 = unknown method: the error codes the documentation names.
+    known_error_codes = frozenset({1, 2})
+    parse = staticmethod(parse_frame)
+
+    @staticmethod
+    def request(req_id: int, method: str, params: Sequence[str] = ()) -> str:
+        body = {"id": req_id, "method": method, "params": list(params)}
+        return json.dumps(body, separators=(",", ":"))
+
+    def is_pong(self, reply: Reply) -> bool:
+        return reply.method == "pong"
+
+    def ping(self, req_id: int) -> str:
+        """``{"id":0,"method":"ping","params":[]}``"""
+        return self.request(req_id, "ping")
+
+    def subscribe(self, req_id: int, channel: str, params: Sequence[str]) -> str:
+        """One request per data type carrying every market (re-subscribing is rejected)."""
+        return self.request(req_id, f"{channel}_subscribe", params)
+
+    def unsubscribe(self, req_id: int, channel: str) -> str:
+        return self.request(req_id, f"{channel}_unsubscribe", ["all"])
 
 
-def ping(req_id: int) -> str:
-    """``{"id":0,"method":"ping","params":[]}``"""
-    return request(req_id, "ping")
-
-
-def subscribe(req_id: int, channel: str, params: Sequence[str]) -> str:
-    """One request per data type carrying every market (re-subscribing is rejected)."""
-    return request(req_id, f"{channel}_subscribe", params)
-
-
-def unsubscribe(req_id: int, channel: str, params: Sequence[str] = ("all",)) -> str:
-    return request(req_id, f"{channel}_unsubscribe", params)
+DIALECT = CryptomusDialect()
 
 
 # -- REST answers and subscription planning -----------------------------------------------------
@@ -403,7 +318,7 @@ def parse_token(body: bytes | str) -> str:
     """``{"token": "168b34a3...a094"}``"""
     obj = loads(body)
     token = obj.get("token") if isinstance(obj, dict) else None
-    if not isinstance(token, str) or not token or isinstance(token, JsonNumber):
+    if not wire.is_text(token) or not token:
         raise BadMessage("invalid_payload", "token answer holds no token")
     return token
 

@@ -2,15 +2,16 @@
 
 Blocking (``requests``); the source runs them in a worker thread. Each call has one
 deadline (``timeout_s``: connect and the whole answer) and reads at most
-``max_body_bytes``; past either it is a retriable error. Status handling lives in
-:func:`check_status`: network errors, 5xx and 429 are retriable, 401/403 (and 404
-"user not found" on the token call) mean the credentials are refused.
+``max_body_bytes``; past either it is a retriable error. Statuses mean what
+:func:`connectors.runtime.http.status_outcome` says: network errors, 5xx and 429 are
+retriable, 401/403 (and 404 "user not found" on the token call) refuse the credentials.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import requests
@@ -18,8 +19,14 @@ import requests
 from connectors.cryptomus import protocol
 from connectors.cryptomus.signing import sign
 from connectors.runtime.config import Secret
-from connectors.runtime.errors import AuthError, BadMessage, FatalError, RetriableError
-from connectors.runtime.http import DeadlineExceeded, fetch, install
+from connectors.runtime.errors import BadMessage, RetriableError
+from connectors.runtime.http import (
+    DeadlineExceeded,
+    fetch,
+    install,
+    raise_for_outcome,
+    status_outcome,
+)
 
 TOKEN_PATH = "/v2/user-api/exchange/account/web-socket/token"
 MARKETS_PATH = "/v2/user-api/exchange/markets"
@@ -28,28 +35,9 @@ SCALES_PATH = "/api/v2/symbol-scales"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-def check_status(what: str, status: int, auth_call: bool = False) -> None:
-    """The one place that decides what an HTTP status means for the caller."""
-    if status < 300:
-        return
-    if status == 429 or status >= 500:
-        raise RetriableError(f"{what}: HTTP {status}")
-    if status in (401, 403) or (auth_call and status == 404):
-        raise AuthError(f"{what}: the exchange refused the credentials (HTTP {status})")
-    raise FatalError(f"{what}: HTTP {status}")
-
-
-def _outcome(status: int, auth_call: bool) -> str:
-    """The ``outcome`` label of ``connector_requests_total`` for an HTTP status."""
-    if status < 300:
-        return "ok"
-    if status == 429:
-        return "rate_limited"
-    if status >= 500:
-        return "retriable"
-    if status in (401, 403) or (auth_call and status == 404):
-        return "unauthorized"
-    return "rejected"
+#: The token call also answers 404 when the user id is unknown ("user not found").
+TOKEN_AUTH_STATUSES = (401, 403, 404)
+_T = TypeVar("_T")
 
 
 class CryptomusRest:
@@ -88,8 +76,10 @@ class CryptomusRest:
         endpoint: str,
         url: str,
         headers: dict[str, str],
+        parse: Callable[[bytes], _T],
         auth_call: bool = False,
-    ) -> bytes:
+    ) -> _T:
+        """One GET, its answer parsed; an answer of the wrong shape is retriable."""
         started = time.monotonic()
         outcome = "retriable"
         try:
@@ -108,45 +98,33 @@ class CryptomusRest:
                 # The exception text may hold the URL; never the headers. Keep only its type.
                 raise RetriableError(f"{what}: {type(exc).__name__}") from None
             status = response.status_code
-            outcome = _outcome(status, auth_call)
-            check_status(what, status, auth_call)
+            outcome = status_outcome(status, TOKEN_AUTH_STATUSES if auth_call else (401, 403))
+            raise_for_outcome(what, status, outcome)
             if response.truncated:
                 outcome = "retriable"
                 raise RetriableError(f"{what}: answer larger than {self.max_body_bytes} bytes")
-            return response.body
         finally:
             if self.on_answer is not None:
                 self.on_answer(endpoint, outcome, time.monotonic() - started)
+        try:
+            return parse(response.body)
+        except BadMessage as exc:
+            # Of a token answer only the reason: nothing of a token goes into an error.
+            detail = exc.reason if parse is protocol.parse_token else str(exc)
+            raise RetriableError(f"{what}: {detail}") from None
 
     def ws_token(self) -> str:
         """A fresh one-time token (valid 5 minutes or until the first connection)."""
-        body = self._get(
-            "web-socket token",
-            "ws_token",
-            self.api_url + TOKEN_PATH,
-            self._signed_headers(),
-            auth_call=True,
-        )
-        try:
-            return protocol.parse_token(body)
-        except BadMessage as exc:
-            raise RetriableError(f"web-socket token: {exc.reason}") from None
+        url, headers = self.api_url + TOKEN_PATH, self._signed_headers()
+        return self._get("web-socket token", "ws_token", url, headers, protocol.parse_token, True)
 
     def markets(self) -> list[protocol.Market]:
-        body = self._get(
-            "market list", "markets", self.api_url + MARKETS_PATH, self._signed_headers()
-        )
-        try:
-            return protocol.parse_markets(body)
-        except BadMessage as exc:
-            raise RetriableError(f"market list: {exc}") from None
+        url, headers = self.api_url + MARKETS_PATH, self._signed_headers()
+        return self._get("market list", "markets", url, headers, protocol.parse_markets)
 
     def scales(self, symbol: str) -> dict[int, str]:
         url = f"{self.scales_url}{SCALES_PATH}?{urlencode({'symbol': symbol})}"
-        body = self._get(
-            f"symbol scales of {symbol}", "scales", url, {"Accept": "application/json"}
+        headers = {"Accept": "application/json"}
+        return self._get(
+            f"symbol scales of {symbol}", "scales", url, headers, protocol.parse_scales
         )
-        try:
-            return protocol.parse_scales(body)
-        except BadMessage as exc:
-            raise RetriableError(f"symbol scales of {symbol}: {exc}") from None

@@ -1,1 +1,1 @@
-"""Robicoin REST API v1: protocol, client, poller source and simulator."""
+"""Robicoin REST API v1: protocol, client, poller source and order sink."""

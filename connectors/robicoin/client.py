@@ -19,7 +19,7 @@ from typing import Any
 import requests
 
 from connectors.robicoin import protocol
-from connectors.robicoin.protocol import Endpoint, Outcome
+from connectors.robicoin.protocol import Endpoint, Verdict
 from connectors.robicoin.signing import auth_fields
 from connectors.runtime.errors import (
     AuthError,
@@ -185,24 +185,24 @@ class RobicoinClient:
             self._report(endpoint, "ok", started)
             detail = f"{endpoint.name}: answer larger than {self._max_body_bytes} bytes"
             return Answer(None, text, elapsed, BadMessage("too_large", detail))
-        outcome = protocol.classify(endpoint, status, text)
-        self._report(endpoint, outcome.value, started)
+        verdict = protocol.classify(endpoint, status, text)
+        self._report(endpoint, verdict.value, started)
         message = redact(protocol.error_message(text))
-        if outcome is Outcome.RATE_LIMITED:
+        if verdict is Verdict.RATE_LIMITED:
             raise RequestFailed(
                 f"{endpoint.name}: HTTP 429 {message}", maybe_executed=False, rate_limited=True
             )
-        if outcome is Outcome.RETRIABLE:
+        if verdict is Verdict.RETRIABLE:
             raise RequestFailed(f"{endpoint.name}: HTTP {status} {message}", maybe_executed=True)
-        if outcome is Outcome.UNAUTHORIZED:
+        if verdict is Verdict.UNAUTHORIZED:
             raise AuthError(f"{endpoint.name}: HTTP {status} {message}")
-        if outcome is Outcome.NOT_FOUND:
+        if verdict is Verdict.NOT_FOUND:
             raise NotFoundError(status, message)
-        if outcome is Outcome.REJECTED:
+        if verdict is Verdict.REJECTED:
             raise RejectedError(status, message)
         try:
             payload = protocol.decode(text)
-        except ValueError:
+        except BadMessage:
             bad = BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON")
             return Answer(None, text, elapsed, bad)
         return Answer(payload, text, elapsed)

@@ -28,10 +28,11 @@ known: the contents of a command that fails it are not trusted, not even to expl
 else is wrong with it.
 
 Also here, pure as well: the exchange form fields (:func:`create_fields`,
-:func:`delete_fields`), :func:`notional`, :func:`expired`, the reconciliation match of
+:func:`delete_fields`), :func:`notional`, the reconciliation match of
 a create whose outcome is unknown (:func:`find_placed`), the check of a delete the
 exchange did not plainly confirm (:func:`find_open`) and the shape of result records
-(:func:`result`, schema ``schemas/order-result.json``).
+(:func:`result`, schema ``schemas/order-result.json``). What is not Robicoin's
+(outcomes, expiry, the ledger) is the command sink's (:mod:`connectors.runtime.ledger`).
 """
 
 from __future__ import annotations
@@ -44,25 +45,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Context, Decimal, Inexact
 from enum import StrEnum
-from typing import Any, TypeAlias, TypeGuard
+from typing import Any, ClassVar, TypeAlias
 from zoneinfo import ZoneInfo
 
 from connectors.robicoin.protocol import (
+    EXCHANGE,
     WINDOW_ROWS,
-    JsonNumber,
     parse_open_order,
     parse_transaction,
 )
+from connectors.runtime import wire
 from connectors.runtime.errors import BadMessage, ConfigError
+from connectors.runtime.ledger import CommandRefused, Outcome
+from connectors.runtime.ledger import expired as expired
+from connectors.runtime.wire import JsonNumber
+from connectors.runtime.wire import is_text as _is_text
 
 #: ``schema`` header values of the command and result topics.
-COMMAND_SCHEMA = "robicoin.order-command/v1"
-RESULT_SCHEMA = "robicoin.order-result/v1"
+COMMAND_SCHEMA = wire.schema_id(EXCHANGE, "order-command")
+RESULT_SCHEMA = wire.schema_id(EXCHANGE, "order-result")
 
 #: Reasons :func:`parse_command` gives with :class:`~connectors.runtime.errors.BadMessage`.
 BAD_MESSAGE_REASONS = frozenset(
     {"empty", "invalid_utf8", "invalid_json", "not_an_object", "invalid_command_id"}
 )
+#: Reasons of a command whose contents cannot be trusted (it claims no command id).
+UNTRUSTED_REASONS = frozenset({"unsigned", "bad_signature"})
 #: Reasons :class:`Rejected` carries (a fixed set: safe as a metric label).
 REJECT_REASONS = frozenset(
     {
@@ -91,9 +99,9 @@ EXCHANGE_DECIMALS = 8
 #: Most integer digits accepted in ``amount``, ``price`` and ``stop_limit``.
 MAX_INTEGER_DIGITS = 20
 #: Deepest JSON nesting accepted at all (a valid command is flat).
-MAX_DEPTH = 16
+MAX_DEPTH = wire.STRICT_MAX_DEPTH
 #: Latest accepted Unix millisecond time (9999-12-31T23:59:59.999Z).
-MAX_MS = 253_402_300_799_999
+MAX_MS = wire.MAX_TIME_MS
 #: Longest ``message`` written into a result.
 MAX_MESSAGE = 1000
 
@@ -102,8 +110,6 @@ _PAIR = re.compile(r"[a-z0-9]{1,16}-[a-z0-9]{1,16}")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _MILLIS = re.compile(r"0|[1-9][0-9]{0,14}")
 _DATA_ID = re.compile(r"[1-9][0-9]{0,17}")
-_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 _COMMON = frozenset({"command_id", "action", "pair", "created_at", "expires_at", "signature"})
@@ -126,6 +132,7 @@ class CreateOrder:
     """A validated create command. ``amount`` is TRY to spend for a buy, coin for a sell
     (the exchange's meaning); decimals keep the producer's exact text."""
 
+    action: ClassVar[str] = "create"
     command_id: str
     pair: str
     side: str
@@ -141,6 +148,7 @@ class CreateOrder:
 class DeleteOrder:
     """A validated delete command (``data_id`` from the exchange's ``open-order``)."""
 
+    action: ClassVar[str] = "delete"
     command_id: str
     pair: str
     data_id: int
@@ -151,20 +159,18 @@ class DeleteOrder:
 Command: TypeAlias = CreateOrder | DeleteOrder
 
 
-class Rejected(Exception):
+class Rejected(CommandRefused):
     """A command with a usable ``command_id`` that must not be sent.
 
     ``reason`` is one of :data:`REJECT_REASONS`; ``detail`` is human text that never
-    holds a secret or an expected signature.
+    holds a secret or an expected signature. An unsigned or forged command
+    (:data:`UNTRUSTED_REASONS`) is not ``trusted``.
     """
 
     def __init__(self, reason: str, detail: str, command_id: str | None) -> None:
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-        self.command_id = command_id
+        super().__init__(reason, detail, command_id, trusted=reason not in UNTRUSTED_REASONS)
 
 
 @dataclass(frozen=True)
@@ -206,7 +212,7 @@ def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
     with sorted keys, no whitespace (``","`` and ``":"``), non-ASCII written as is, UTF-8.
 
     Strings are escaped as Python's ``json.dumps(..., ensure_ascii=False)`` does; a
-    number (:class:`~connectors.robicoin.protocol.JsonNumber`, as decoded) is written
+    number (:class:`~connectors.runtime.wire.JsonNumber`, as decoded) is written
     back as the literal text received, a Python ``int`` as its digits. Floats and
     Decimals are refused (money is a string, times are integers).
 
@@ -224,7 +230,7 @@ def _write(value: Any, out: list[str], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, JsonNumber):
-        if not _NUMBER.fullmatch(value):
+        if not wire.is_json_decimal(value):
             raise ValueError(f"not a JSON number literal: {_show(value)}")
         out.append(str(value))
     elif isinstance(value, str):
@@ -271,23 +277,6 @@ def sign(obj: Mapping[str, Any], secret: bytes) -> str:
 # -- parsing -----------------------------------------------------------------------------
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
 def _decode(raw: bytes | None) -> Any:
     """JSON with exact number text; duplicate keys, lone surrogates and deep nesting are
     refused (two parsers could disagree about such a message)."""
@@ -297,46 +286,7 @@ def _decode(raw: bytes | None) -> Any:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadMessage("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
-    try:
-        value = json.loads(
-            text,
-            parse_float=JsonNumber,
-            parse_int=JsonNumber,
-            parse_constant=_no_constant,
-            object_pairs_hook=_unique_keys,
-        )
-    except _DuplicateKey as exc:
-        raise BadMessage("invalid_json", f"duplicate key {_show(exc.args[0])}") from None
-    except RecursionError:
-        raise BadMessage("invalid_json", f"nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:
-        raise BadMessage("invalid_json", f"not JSON: {exc}") from None
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise BadMessage("invalid_json", f"nested deeper than {MAX_DEPTH} levels")
-        if isinstance(item, str):
-            _check_text(item)
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                _check_text(key)
-                stack.append((child, depth + 1))
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return value
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadMessage("invalid_json", "a string holds an unpaired surrogate escape") from None
-
-
-def _is_text(value: Any) -> TypeGuard[str]:
-    """A JSON string (a decoded number is a ``str`` subclass: not text)."""
-    return isinstance(value, str) and not isinstance(value, JsonNumber)
+    return wire.loads(text, strict=True)
 
 
 def _show(value: Any) -> str:
@@ -462,8 +412,8 @@ def _decimal(value: Any, name: str, cid: str, max_decimals: int, *, zero_ok: boo
             f"{name}: write decimals as JSON strings, got the number {_show(value)}",
             cid,
         )
-    match = _DECIMAL.fullmatch(value) if _is_text(value) else None
-    if match is None or (len(match[2]) > 1 and match[2].startswith("0")):
+    match = wire.PLAIN_DECIMAL.fullmatch(value) if _is_text(value) else None
+    if match is None:
         hint = " (no exponent)" if _is_text(value) and "e" in value.lower() else ""
         raise Rejected(
             "bad_decimal", f"{name}: expected a plain decimal string{hint}, got {_show(value)}", cid
@@ -508,25 +458,6 @@ def notional(cmd: CreateOrder) -> Decimal:
     if cmd.side == "buy":
         return amount
     return _EXACT.multiply(amount, Decimal(cmd.price))
-
-
-def expired(cmd: Command, now_ms: int, max_age_ms: int | None) -> str | None:
-    """Why ``cmd`` must not be sent at ``now_ms``, or None.
-
-    ``expires_at_passed``: ``now_ms >= expires_at``. ``too_old``: created more than
-    ``max_age_ms`` ago. ``created_in_future``: ``created_at`` more than ``max_age_ms``
-    ahead of ``now_ms`` (a skewed or forged clock would otherwise escape ``too_old``).
-    """
-    if max_age_ms is not None and max_age_ms < 0:
-        raise ValueError("max_age_ms must be >= 0")
-    if cmd.expires_at_ms is not None and now_ms >= cmd.expires_at_ms:
-        return "expires_at_passed"
-    if max_age_ms is not None:
-        if now_ms - cmd.created_at_ms > max_age_ms:
-            return "too_old"
-        if cmd.created_at_ms - now_ms > max_age_ms:
-            return "created_in_future"
-    return None
 
 
 # -- reconciliation ----------------------------------------------------------------------
@@ -694,17 +625,6 @@ def find_open(cmd: DeleteOrder, open_orders: Sequence[Any]) -> OpenCheck:
 
 
 # -- results -----------------------------------------------------------------------------
-
-
-class Outcome(StrEnum):
-    """Final outcome of one command (see ``schemas/order-result.json``)."""
-
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    DUPLICATE = "duplicate"
-    UNKNOWN = "unknown"
 
 
 #: Outcomes for which the exchange was never called.

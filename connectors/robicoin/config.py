@@ -8,11 +8,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.robicoin.client import Credentials
 from connectors.robicoin.protocol import TICKER_WINDOWS
-from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.authguard import fingerprint
-from connectors.runtime.config import Secret, excerpt, positive, read_secret
+from connectors.runtime.config import Secret, excerpt, positive, read_secrets
 from connectors.runtime.errors import ConfigError
-from connectors.runtime.kafka import KafkaSettings
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings
 
 PUBLIC_KEY_ENV = "ROBICOIN_PUBLIC_KEY"
 PUBLIC_ID_ENV = "ROBICOIN_PUBLIC_ID"
@@ -34,22 +33,12 @@ class CredentialSettings:
         return "CredentialSettings(***)"
 
     def resolve(self, required: bool = True) -> Credentials | None:
-        parts = []
-        for name, env in (
-            ("public_key", PUBLIC_KEY_ENV),
-            ("public_id", PUBLIC_ID_ENV),
-            ("private_key", PRIVATE_KEY_ENV),
-        ):
-            value: Secret | None = getattr(self, name)
-            parts.append(
-                read_secret(
-                    value=value.reveal() if value else None,
-                    file=getattr(self, f"{name}_file"),
-                    env=env,
-                    what=f"robicoin.credentials.{name}",
-                    required=required,
-                )
-            )
+        envs = {
+            "public_key": PUBLIC_KEY_ENV,
+            "public_id": PUBLIC_ID_ENV,
+            "private_key": PRIVATE_KEY_ENV,
+        }
+        parts = read_secrets(self, "robicoin.credentials", envs, required)
         if any(p is None for p in parts):
             return None
         key, pid, private = (p.reveal() for p in parts if p is not None)

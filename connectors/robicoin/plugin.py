@@ -14,40 +14,50 @@ from connectors.robicoin.config import (
     Streams,
     TickerStream,
 )
-from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.authguard import GuardSpec
 from connectors.runtime.config import Secret
-from connectors.runtime.kafka import KafkaSettings
 from connectors.runtime.plugins import Connector, ConnectorPlugin, DemoPart
+from connectors.runtime.settings import demo_sections
 
 
 def _create(config: Any) -> Connector:
-    from connectors.robicoin.source import create
+    from connectors.robicoin.streams import create
 
     return create(config)
 
 
 def _auth_guard(config: Any) -> GuardSpec | None:
-    from connectors.robicoin.source import RobicoinPoller
+    from connectors.robicoin.streams import RobicoinPolling
 
-    return RobicoinPoller(config).guard_spec()
+    return RobicoinPolling(config).guard_spec()
 
 
 def _simulate(host: str, port: int, rate: float) -> None:
-    from connectors.robicoin import simulator
+    """``rate`` is the account activity (transactions per second); the market moves
+    twice as fast."""
+    from connectors.simulators.harness import serve_in_foreground
+    from connectors.simulators.robicoin import RobicoinSimulator
 
-    simulator.main(port=port, requests_rate=rate, host=host)
+    serve_in_foreground(
+        RobicoinSimulator(
+            host=host,
+            port=port,
+            transactions_per_second=rate,
+            market_orders_per_second=2 * rate,
+        )
+    )
 
 
 def _demo(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
-    from connectors.robicoin.simulator import (
+    from connectors.simulators.harness import Harness
+    from connectors.simulators.robicoin import (
         DEFAULT_PRIVATE_KEY,
         DEFAULT_PUBLIC_ID,
         DEFAULT_PUBLIC_KEY,
-        SimulatorThread,
+        RobicoinSimulator,
     )
 
-    sim = stack.enter_context(SimulatorThread(transactions_per_second=2.0))
+    sim = stack.enter_context(Harness(RobicoinSimulator(transactions_per_second=2.0)))
     config = RobicoinConfig(
         robicoin=RobicoinSettings(
             base_url=sim.base_url,
@@ -59,8 +69,7 @@ def _demo(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
             streams=Streams(ticker=TickerStream(windows=["24h", "1min", "1hour"])),
             rate_limit=RateLimitSettings(share=AccountShare(slots=2, slot=0)),
         ),
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
-        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0),
+        **demo_sections(bootstrap),
     )
     return DemoPart(config=config)
 
@@ -86,9 +95,9 @@ def _create_sink(config: Any) -> Connector:
 
 
 def _sink_guard(config: Any) -> GuardSpec | None:
-    from connectors.robicoin.sink import RobicoinOrderSink
+    from connectors.robicoin.sink import RobicoinOrders
 
-    return RobicoinOrderSink(config).guard_spec()
+    return RobicoinOrders(config).guard_spec()
 
 
 def _demo_sink(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
@@ -97,19 +106,20 @@ def _demo_sink(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
 
     from kafka import KafkaProducer
 
-    from connectors.robicoin.simulator import (
-        DEFAULT_PRIVATE_KEY,
-        DEFAULT_PUBLIC_ID,
-        DEFAULT_PUBLIC_KEY,
-        SimulatorThread,
-    )
     from connectors.robicoin.sink_config import (
         ConsumerSettings,
         OrderSinkConfig,
         OrderSinkSettings,
     )
+    from connectors.simulators.harness import Harness
+    from connectors.simulators.robicoin import (
+        DEFAULT_PRIVATE_KEY,
+        DEFAULT_PUBLIC_ID,
+        DEFAULT_PUBLIC_KEY,
+        RobicoinSimulator,
+    )
 
-    sim = stack.enter_context(SimulatorThread(transactions_per_second=0.5))
+    sim = stack.enter_context(Harness(RobicoinSimulator(transactions_per_second=0.5)))
     config = OrderSinkConfig(
         robicoin=OrderSinkSettings(
             base_url=sim.base_url,
@@ -122,8 +132,7 @@ def _demo_sink(bootstrap: str, stack: contextlib.ExitStack) -> DemoPart:
             # Some embedded brokers hold a group join for about this long.
             consumer=ConsumerSettings(max_poll_interval_ms=6000, session_timeout_ms=6000),
         ),
-        kafka=KafkaSettings(bootstrap_servers=bootstrap),
-        runtime=RuntimeSettings(health_host="127.0.0.1", health_port=0),
+        **demo_sections(bootstrap),
     )
 
     def feed() -> None:

@@ -20,19 +20,23 @@ to it can only be about them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from connectors.runtime import wire
+
+# Canonical row text and fingerprints, and snapshot change detection, are the polling
+# runtime's (any REST exchange needs them); named here too, where the cursor uses them.
+from connectors.runtime.cursors import diff_keys as diff_keys
+from connectors.runtime.cursors import row_fingerprint as row_fingerprint
+from connectors.runtime.cursors import row_text as row_text
 from connectors.runtime.errors import BadMessage
+from connectors.runtime.records import Event
 
 EXCHANGE = "robicoin"
 TICKER_WINDOWS = ("24h", "1min", "1hour", "1day", "1month")
@@ -83,67 +87,22 @@ DELETE_ORDER = Endpoint("delete-order", "POST", "delete-order", EndpointClass.OT
 
 # -- decoding --------------------------------------------------------------------------
 
+#: JSON with every number kept as its text (:func:`connectors.runtime.wire.loads`);
+#: raises ``BadMessage("invalid_json")``.
+decode = wire.loads
 
-class JsonNumber(str):
-    """A JSON number kept as its literal text (``20659.95`` stays ``"20659.95"``)."""
-
-    __slots__ = ()
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
-def decode(text: str) -> Any:
-    """JSON with every number kept as text (no float, no int rounding surprises)."""
-    return json.loads(
-        text, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=_reject_constant
-    )
-
-
-_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_LOCAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
-
-
-def decimal_text(value: Any, name: str) -> str:
-    """The exact decimal text of ``value`` (a JSON string or number), validated."""
-    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
-        raise BadMessage("bad_decimal", f"{name}: expected a decimal, got {_short(value)}")
-    try:
-        if not Decimal(value).is_finite():
-            raise InvalidOperation
-    except InvalidOperation:
-        raise BadMessage("bad_decimal", f"{name}: not a finite decimal: {_short(value)}") from None
-    return str(value)
-
-
-def local_time_ms(text: Any, zone: ZoneInfo, name: str) -> int:
-    """``YYYY-MM-DD HH:MM:SS`` in ``zone`` → Unix milliseconds (UTC).
-
-    >>> local_time_ms("2018-02-19 21:11:44", ZoneInfo("Europe/Istanbul"), "t")
-    1519063904000
-    """
-    if not isinstance(text, str) or not _LOCAL_TIME.fullmatch(text):
-        raise BadMessage("bad_time", f"{name}: expected YYYY-MM-DD HH:MM:SS, got {_short(text)}")
-    try:
-        local = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=zone)
-    except ValueError:
-        raise BadMessage("bad_time", f"{name}: not a valid time: {_short(text)}") from None
-    return int(local.astimezone(UTC).timestamp()) * 1000
-
-
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _text(row: Mapping[str, Any], name: str, allowed: Iterable[str] | None = None) -> str:
-    value = row.get(name)
-    if not isinstance(value, str) or isinstance(value, JsonNumber) or not value:
-        raise BadMessage("bad_field", f"{name}: expected a non-empty string, got {_short(value)}")
-    if allowed is not None and value not in allowed:
-        raise BadMessage("bad_field", f"{name}: unexpected value {_short(value)}")
-    return value
+#: Robicoin's dead-letter reasons name the kind of mistake in a row.
+FIELDS = wire.Fields(
+    missing_reason="bad_field",
+    row_reason="bad_row",
+    field_reason="bad_field",
+    decimal_reason="bad_decimal",
+    time_reason="bad_time",
+)
+#: The exact decimal text of a value (a JSON string or number); ``bad_decimal``.
+decimal_text = FIELDS.decimal
+#: ``YYYY-MM-DD HH:MM:SS`` in a zone → Unix milliseconds (UTC); ``bad_time``.
+local_time_ms = FIELDS.local_time_ms
 
 
 def data_rows(payload: Any) -> list[Mapping[str, Any]]:
@@ -155,11 +114,6 @@ def data_rows(payload: Any) -> list[Mapping[str, Any]]:
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         raise BadMessage("bad_answer", "expected an object with a 'data' list")
     return list(payload["data"])
-
-
-def row_text(row: Any) -> str:
-    """A row as canonical JSON text (exact numbers): the dead-letter body and fingerprint input."""
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 # -- typed rows ------------------------------------------------------------------------
@@ -195,12 +149,11 @@ class Ticker:
 
 
 def parse_ticker(row: Mapping[str, Any], window: str) -> Ticker:
-    if not isinstance(row, dict):
-        raise BadMessage("bad_row", "ticker row is not an object")
+    row = FIELDS.row(row, "ticker row")
     # The exchange spells it "avarage"; accept the dictionary spelling too.
     average = row.get("avarage", row.get("average"))
     return Ticker(
-        pair=_text(row, "type"),
+        pair=FIELDS.text(row.get("type"), "type"),
         window=window,
         high=decimal_text(row.get("high"), "high"),
         low=decimal_text(row.get("low"), "low"),
@@ -212,24 +165,34 @@ def parse_ticker(row: Mapping[str, Any], window: str) -> Ticker:
     )
 
 
-@dataclass(frozen=True)
-class Row:
-    """A parsed account or market row: the record key, its time and the record data."""
-
-    key: str
-    event_time_ms: int | None
-    data: dict[str, Any]
+#: A parsed row: the record's channel, key, time and data (one record type for every
+#: exchange, :class:`connectors.runtime.records.Event`).
+Row = Event
 
 
 def _times(row: Mapping[str, Any], zone: ZoneInfo, names: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in names:
-        out[name] = _text(row, name)
+        out[name] = FIELDS.text(row.get(name), name)
         out[f"{name}_ms"] = local_time_ms(row.get(name), zone, name)
     return out
 
 
 _SIDES = ("buy", "sell")
+
+
+def _order_fields(row: Mapping[str, Any], zone: ZoneInfo) -> dict[str, Any]:
+    """What a market order and an account open order have in common, in record order."""
+    data: dict[str, Any] = {
+        "pair": FIELDS.text(row.get("type"), "type"),
+        "side": FIELDS.one_of(row.get("side"), "side", _SIDES),
+        "amount": decimal_text(row.get("amount"), "amount"),
+        "price": decimal_text(row.get("price"), "price"),
+        "total": decimal_text(row.get("total"), "total"),
+        "status": FIELDS.text(row.get("status"), "status"),
+    }
+    data.update(_times(row, zone, ("created_at",)))
+    return data
 
 
 def parse_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
@@ -238,32 +201,21 @@ def parse_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
     {"type": "btc-try", "side": "sell", "amount": "1.00000000", "price": "12000.00000000",
      "total": "12000.00000000", "status": "active", "created_at": "2018-02-19 21:11:44"}
     """
-    if not isinstance(row, dict):
-        raise BadMessage("bad_row", "order row is not an object")
-    data: dict[str, Any] = {
-        "pair": _text(row, "type"),
-        "side": _text(row, "side", _SIDES),
-        "amount": decimal_text(row.get("amount"), "amount"),
-        "price": decimal_text(row.get("price"), "price"),
-        "total": decimal_text(row.get("total"), "total"),
-        "status": _text(row, "status"),
-    }
-    data.update(_times(row, zone, ("created_at",)))
-    return Row(data["pair"], data["created_at_ms"], data)
+    data = _order_fields(FIELDS.row(row, "order row"), zone)
+    return Row("order", data["pair"], data["created_at_ms"], data)
 
 
 def parse_balance(row: Mapping[str, Any]) -> Row:
     """``{"currency": "try", "balance": "9172.30000000",
     "reserved_balance": "10000.00000000", "status": "active"}``"""
-    if not isinstance(row, dict):
-        raise BadMessage("bad_row", "balance row is not an object")
+    row = FIELDS.row(row, "balance row")
     data = {
-        "currency": _text(row, "currency"),
+        "currency": FIELDS.text(row.get("currency"), "currency"),
         "balance": decimal_text(row.get("balance"), "balance"),
         "reserved_balance": decimal_text(row.get("reserved_balance"), "reserved_balance"),
-        "status": _text(row, "status"),
+        "status": FIELDS.text(row.get("status"), "status"),
     }
-    return Row(data["currency"], None, data)
+    return Row("balance", data["currency"], None, data)
 
 
 def parse_transaction(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
@@ -273,23 +225,24 @@ def parse_transaction(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
      "total": "16500.00000000", "fee": "16.50000000", "status": "approved", "txid": null,
      "updated_at": "2018-02-19 02:55:38", "created_at": "2018-02-19 02:55:38"}
     """
-    if not isinstance(row, dict):
-        raise BadMessage("bad_row", "transaction row is not an object")
+    row = FIELDS.row(row, "transaction row")
     txid = row.get("txid")
-    if txid is not None and (not isinstance(txid, str) or isinstance(txid, JsonNumber)):
-        raise BadMessage("bad_field", f"txid: expected a string or null, got {_short(txid)}")
+    if txid is not None and not wire.is_text(txid):
+        raise BadMessage(
+            FIELDS.field_reason, f"txid: expected a string or null, got {wire.short(txid)}"
+        )
     data: dict[str, Any] = {
-        "zone": _text(row, "zone"),
-        "pair": _text(row, "type"),
+        "zone": FIELDS.text(row.get("zone"), "zone"),
+        "pair": FIELDS.text(row.get("type"), "type"),
         "amount": decimal_text(row.get("amount"), "amount"),
         "price": decimal_text(row.get("price"), "price"),
         "total": decimal_text(row.get("total"), "total"),
         "fee": decimal_text(row.get("fee"), "fee"),
-        "status": _text(row, "status"),
+        "status": FIELDS.text(row.get("status"), "status"),
         "txid": txid,
     }
     data.update(_times(row, zone, ("created_at", "updated_at")))
-    return Row(data["pair"], data["created_at_ms"], data)
+    return Row("transaction", data["pair"], data["created_at_ms"], data)
 
 
 def parse_open_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
@@ -299,28 +252,21 @@ def parse_open_order(row: Mapping[str, Any], zone: ZoneInfo) -> Row:
      "price": "10000.00000000", "total": "5000.00000000", "status": "active",
      "created_at": "2018-02-19 21:34:19"}
     """
-    if not isinstance(row, dict):
-        raise BadMessage("bad_row", "open-order row is not an object")
-    data_id = row.get("data_id")
-    if not isinstance(data_id, JsonNumber) or not data_id.isdigit():
-        raise BadMessage("bad_field", f"data_id: expected an integer, got {_short(data_id)}")
+    row = FIELDS.row(row, "open-order row")
     data: dict[str, Any] = {
-        "data_id": int(data_id),
-        "pair": _text(row, "type"),
-        "side": _text(row, "side", _SIDES),
-        "amount": decimal_text(row.get("amount"), "amount"),
-        "price": decimal_text(row.get("price"), "price"),
-        "total": decimal_text(row.get("total"), "total"),
-        "status": _text(row, "status"),
+        "data_id": FIELDS.integer(row.get("data_id"), "data_id", strings=False),
+        **_order_fields(row, zone),
     }
-    data.update(_times(row, zone, ("created_at",)))
-    return Row(data["pair"], data["created_at_ms"], data)
+    return Row("open-order", data["pair"], data["created_at_ms"], data)
 
 
 # -- answers ---------------------------------------------------------------------------
 
 
-class Outcome(StrEnum):
+class Verdict(StrEnum):
+    """What :func:`classify` says the caller does with an answer (the values are the
+    ``outcome`` label of the request metrics)."""
+
     OK = "ok"
     RETRIABLE = "retriable"
     RATE_LIMITED = "rate_limited"
@@ -332,23 +278,23 @@ class Outcome(StrEnum):
 _AUTH_WORDS = ("unauthor", "auth", "hash", "signature", "permission", "yetki", "blocked", "ip ")
 
 
-def classify(endpoint: Endpoint, status: int, body: str) -> Outcome:
+def classify(endpoint: Endpoint, status: int, body: str) -> Verdict:
     """What the caller does with an answer (see the module docstring)."""
     if 200 <= status < 300:
-        return Outcome.OK
+        return Verdict.OK
     if status == 429:
-        return Outcome.RATE_LIMITED
+        return Verdict.RATE_LIMITED
     if status >= 500 or status < 200:
-        return Outcome.RETRIABLE
+        return Verdict.RETRIABLE
     if status in (401, 403):
-        return Outcome.UNAUTHORIZED
+        return Verdict.UNAUTHORIZED
     if status in (404, 405):
-        return Outcome.NOT_FOUND
+        return Verdict.NOT_FOUND
     if endpoint.signed and endpoint.auth_only:
-        return Outcome.UNAUTHORIZED
+        return Verdict.UNAUTHORIZED
     if endpoint.signed and any(word in body.lower() for word in _AUTH_WORDS):
-        return Outcome.UNAUTHORIZED
-    return Outcome.REJECTED
+        return Verdict.UNAUTHORIZED
+    return Verdict.REJECTED
 
 
 def error_message(body: str) -> str:
@@ -360,16 +306,15 @@ def error_message(body: str) -> str:
     if isinstance(payload, dict):
         for key in ("error", "message", "success"):
             if isinstance(payload.get(key), str):
-                return _short(payload[key])
-    return _short(" ".join(body.split())) or "(empty body)"
+                return _cut(payload[key])
+    return _cut(" ".join(body.split())) or "(empty body)"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # -- incremental polling without ids ---------------------------------------------------
-
-
-def row_fingerprint(row: Any) -> str:
-    """A stable fingerprint of one raw row (canonical JSON, exact number text)."""
-    return hashlib.sha256(row_text(row).encode("utf-8")).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -450,7 +395,7 @@ class Advance:
 
 def _row_time(row: Any, time_field: str) -> str | None:
     value = row.get(time_field) if isinstance(row, dict) else None
-    if not isinstance(value, str) or not _LOCAL_TIME.fullmatch(value):
+    if not isinstance(value, str) or not wire.LOCAL_TIME.fullmatch(value):
         return None
     return value
 
@@ -598,35 +543,3 @@ def advance(
     else:  # nothing of T on screen any more (orders left): keep what is known of T
         moved = Cursor(newest, cursor.seen, kept, cursor.tail, cursor.tail_complete)
     return Advance(new, moved, gap)
-
-
-# -- change detection (balance, open-order) ---------------------------------------------
-
-
-def diff_keys(
-    previous: Mapping[str, str], current: Mapping[str, str], window_full: bool = False
-) -> list[tuple[str, str]]:
-    """Compare two snapshots given as ``{key: row fingerprint}``.
-
-    Returns ``(key, change)`` pairs: ``opened`` (new key), ``changed`` (same key, other
-    content), ``closed`` (key gone). When the answer was a full ``last N`` window and
-    keys are increasing integers (``data_id``), a key older than everything shown may
-    merely have scrolled out of the window: it is ``out_of_window``, not ``closed``.
-
-    >>> diff_keys({"17": "a", "18": "b"}, {"18": "c", "19": "d"})
-    [('18', 'changed'), ('19', 'opened'), ('17', 'closed')]
-    """
-    out: list[tuple[str, str]] = []
-    for key, fp in current.items():
-        if key not in previous:
-            out.append((key, "opened"))
-        elif previous[key] != fp:
-            out.append((key, "changed"))
-    numeric = [int(k) for k in current if k.isdigit()]
-    oldest = min(numeric) if window_full and numeric else None
-    for key in previous:
-        if key in current:
-            continue
-        scrolled = oldest is not None and key.isdigit() and int(key) < oldest
-        out.append((key, "out_of_window" if scrolled else "closed"))
-    return out

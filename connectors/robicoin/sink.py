@@ -1,137 +1,72 @@
-"""Robicoin order-command sink: Kafka commands → create-order / delete-order, effect-once.
+"""Robicoin's order commands, as a handler for the command sink.
 
-create-order returns no order id and takes no client id, so an ambiguous failure
-(timeout, reset after sending, 5xx) leaves the outcome unknown. The design:
+Everything about the sink's lifecycle (consumer group, control topic, ledger,
+transactions, the auth guard, stop, metrics, health) is the runtime's
+(:mod:`connectors.runtime.sink`); this module says only what is Robicoin:
 
-1. A ledger in a compacted topic keyed by ``command_id``. ``pending`` is committed
-   *before* the exchange is called; the outcome after. A command id with a final
-   entry is never sent again (``duplicate``).
-2. After an ambiguous failure, and for every command found ``pending`` when it is
-   consumed again (a crash between the call and the outcome), the sink reconciles:
-   it reads open-order and transaction and looks for the order (pair, side, amount,
-   price, time window). Found → ``accepted``; provably absent → ``failed``
-   (``not_placed``); otherwise ``unknown``, which is never retried automatically.
-3. The outcome, the result record and the consumed offset are one Kafka transaction,
-   so a command is done exactly when its result is visible.
-
-Concurrency: commands are handled strictly one at a time, so the whole loop
-(consumer, exchange calls, transactions) runs in one worker thread with blocking
-calls; the event loop only runs the runtime (health, signals) and waits for it.
+- commands are parsed and checked by :mod:`connectors.robicoin.commands` (pure);
+  a create adds exposure (kill switch, risk limits), a delete does not;
+- ``create-order`` returns no order id and takes no client id, so an ambiguous
+  failure (timeout, reset after sending, 5xx, an answer of no known shape) is
+  reconciled: open-order and transaction are read and the order looked for (pair,
+  side, amount, price, time window). Found → ``accepted``; provably absent →
+  ``failed`` (``not_placed``); otherwise ``unknown``, never retried automatically;
+- ``delete-order`` is idempotent on ``data_id``: ambiguous failures are retried, and a
+  delete found pending at restart is sent again. Any answer but the documented
+  ``success`` is decided by reading open-order;
+- exchange facts: the account's rate-limit class (shared with the poller in
+  wall-clock slots), its credentials and their auth guard, the HTTP client
+  (:mod:`connectors.robicoin.client`), its clock.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import functools
-import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import requests
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from connectors.robicoin import commands as cmds
 from connectors.robicoin import protocol, signing
-from connectors.robicoin.client import (
-    Answer,
-    Credentials,
-    RequestFailed,
-    RobicoinClient,
-)
+from connectors.robicoin.client import Answer, Credentials, RequestFailed, RobicoinClient
 from connectors.robicoin.config import credential_fingerprint
+from connectors.robicoin.protocol import EndpointClass
 from connectors.robicoin.sink_config import OrderSinkConfig
-from connectors.runtime import records
-from connectors.runtime.app import RuntimeContext
-from connectors.runtime.authguard import (
-    AuthGuard,
-    GuardRefused,
-    GuardSpec,
-    publish,
-    reopen_if_reset,
-    report_blocked,
-)
+from connectors.runtime.authguard import GuardSpec
 from connectors.runtime.backoff import Backoff
-from connectors.runtime.errors import (
-    AuthError,
-    BadMessage,
-    ConfigError,
-    FatalError,
-    RejectedError,
-    RetriableError,
-)
-from connectors.runtime.kafka import OutRecord, group_poll, group_reachable
+from connectors.runtime.context import RuntimeContext
+from connectors.runtime.errors import AuthError, BadMessage, ConfigError, RejectedError
+from connectors.runtime.ledger import Ambiguous, Decision, Exposure, Facts, RiskLimits
 from connectors.runtime.logs import redact, register_secret
-from connectors.runtime.ratelimit import RateLimit, RateLimiter, Share
-from connectors.runtime.state import read_state
+from connectors.runtime.polling import RateClass
+from connectors.runtime.ratelimit import RateLimit, Share
+from connectors.runtime.sink import Calls, CommandSink, CommandTopics, SinkSettings
 
 log = logging.getLogger(__name__)
 
 NAME = "robicoin-orders"
-COMPACTED = {"cleanup.policy": "compact"}
 #: Exchange times have one-second resolution and clocks differ a little.
 RECONCILE_SLACK_MS = 2_000
 RECONCILE_READS = 5
 
 
-class _Stopping(Exception):
-    """Stop was requested mid-command, or the auth guard refused before a call: leave
-    the command (pending or not started) for next time."""
+def _learned(data_id: int | None) -> dict[str, Any]:
+    """What an outcome adds to the ledger entry: the order's ``data_id`` when known."""
+    return {} if data_id is None else {"data_id": data_id}
 
 
-@dataclass(frozen=True)
-class Outcome:
-    outcome: str
-    reason: str | None = None
-    message: str | None = None
-    reconciled: bool = False
-    attempts: int = 0
-    exchange_ms: int | None = None
-    data_id: int | None = None
+class RobicoinOrders:
+    """The :class:`~connectors.runtime.sink.CommandHandler` of Robicoin orders."""
 
+    name = NAME
+    exchange = protocol.EXCHANGE
+    actions = ("create", "delete")
+    result_schema = cmds.RESULT_SCHEMA
 
-class ControlReader:
-    """Follows the compacted control topic (kill switch, pause)."""
-
-    def __init__(self, ctx: RuntimeContext, topic: str) -> None:
-        self._consumer = KafkaConsumer(
-            **ctx.kafka.client_config(KafkaConsumer),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            fetch_max_wait_ms=100,
-        )
-        parts = self._consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
-        self._consumer.seek_to_beginning(*tps)
-
-    def changes(self, timeout_ms: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for recs in self._consumer.poll(timeout_ms=timeout_ms).values():
-            for rec in recs:
-                try:
-                    value = json.loads(rec.value or b"{}")
-                except ValueError:
-                    log.error("control record at offset %d is not JSON; ignored", rec.offset)
-                    continue
-                if isinstance(value, dict):
-                    out.append(value)
-        return out
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-class RobicoinOrderSink:
     def __init__(
         self,
         config: OrderSinkConfig,
@@ -140,8 +75,8 @@ class RobicoinOrderSink:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        s = config.robicoin
-        self.settings = s
+        s = self.source = config.robicoin
+        self._session = session
         self._clock = clock
         self._zone = ZoneInfo(s.timezone)
         creds = s.credentials.resolve(required=True)
@@ -160,78 +95,43 @@ class RobicoinOrderSink:
         )
         self.fingerprint = credential_fingerprint(creds)
         self.transactional_id = s.transactional_id or f"{NAME}-{self.fingerprint}"
-        self._session = session
-        self._max_notional = Decimal(s.risk.max_notional) if s.risk.max_notional else None
-        self._max_amount = {p: Decimal(v) for p, v in s.risk.max_amount.items()}
-        self.trading_enabled = s.risk.trading_enabled
-        self.paused = False
-        self._ledger: dict[str, dict[str, Any]] = {}
-        self._recent_creates: collections.deque[float] = collections.deque()
-        self._committed: dict[TopicPartition, int] = {}
-        self._stop = threading.Event()
-        self._guard: AuthGuard | None = None
-        self._assigned = False
-        self._group_ok = True
-
-    # -- wiring ----------------------------------------------------------------------
-
-    def topics(self) -> dict[str, dict[str, str]]:
-        t = self.settings.topics
-        return {
-            t.commands: {},
-            t.results: {},
-            t.dead_letter: {},
-            t.ledger: dict(COMPACTED),
-            t.control: dict(COMPACTED),
-            self.settings.auth_guard.topic: dict(COMPACTED),
-        }
+        t = s.topics
+        self.topics = CommandTopics(t.commands, t.results, t.ledger, t.dead_letter, t.control)
+        r, c = s.rate_limit, s.consumer
+        self.settings = SinkSettings(
+            group_id=c.group_id,
+            # The account's "1 per 100 ms", shared with the poller in wall-clock slots.
+            rate=RateClass(
+                RateLimit(r.other.count, r.other.window_s),
+                r.margin_for(shared=r.share.slots > 1),
+                Share(r.share.slots, r.share.slot),
+            ),
+            rate_class=EndpointClass.OTHER.value,
+            max_poll_interval_ms=c.max_poll_interval_ms,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            command_max_age_s=s.command_max_age_s,
+            trading_enabled=s.risk.trading_enabled,
+            risk=RiskLimits(
+                max_notional=Decimal(s.risk.max_notional) if s.risk.max_notional else None,
+                max_amount={p: Decimal(v) for p, v in s.risk.max_amount.items()},
+                max_per_minute=s.risk.max_orders_per_minute,
+            ),
+            guard_recheck_s=s.auth_guard.recheck_s,
+            drain_timeout_s=config.runtime.drain_timeout_s,
+        )
+        self.client: RobicoinClient | None = None
 
     def guard_spec(self) -> GuardSpec:
-        g = self.settings.auth_guard
+        g = self.source.auth_guard
         return GuardSpec(g.topic, self.fingerprint, g.limit)
 
-    async def run(self, ctx: RuntimeContext) -> None:
-        self.ctx = ctx
-        m = ctx.metrics
-        name = ctx.name
-        self._m_trading = m.trading_enabled.labels(name)
-        self._m_paused = m.paused.labels(name)
-        self._m_in_flight = m.commands_in_flight.labels(name)
-        # The paging alerts watch these; they exist at 0 so the first one counts.
-        for action in ("create", "delete"):
-            m.commands.labels(name, action, cmds.Outcome.UNKNOWN.value)
-        for found in ("found", "not_found", "undecided"):
-            m.reconciliations.labels(name, found)
-        ctx.health.add_check("consumer", lambda: self._assigned)
-        # Idle or paused, the sink writes nothing, so a failed commit cannot tell it
-        # that Kafka is gone: its group coordinator can (lost ~request_timeout_ms after
-        # the broker stops answering).
-        ctx.health.add_check("kafka_group", lambda: self._group_ok)
-        ctx.health.add_check("auth", lambda: not (self._guard and self._guard.blocked))
-        worker = asyncio.ensure_future(asyncio.to_thread(self._run_blocking))
-        stop = asyncio.ensure_future(ctx.stop.wait())
-        try:
-            await asyncio.wait({worker, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._stop.set()
-            stop.cancel()
-            # Every wait in the worker has its own deadline (HTTP calls, Kafka commits,
-            # reads); this one bounds their sum, so SIGTERM ends the process in time.
-            grace = self.config.runtime.drain_timeout_s
-            done, _ = await asyncio.wait({worker}, timeout=grace)
-        if not done:
-            raise FatalError(
-                f"the command worker did not stop within runtime.drain_timeout_s "
-                f"({grace:g} s); a command it was handling stays pending in the ledger "
-                "and is reconciled at the next start"
-            )
-        worker.result()
+    def attach(self, ctx: RuntimeContext) -> None:
+        s = self.source
 
-    # -- the loop (worker thread) ------------------------------------------------------
+        def on_answer(endpoint: protocol.Endpoint, outcome: str, elapsed: float) -> None:
+            ctx.metrics.observe_request(ctx.name, endpoint.family, outcome, elapsed)
 
-    def _run_blocking(self) -> None:
-        s = self.settings
-        m = self.ctx.metrics
         self.client = RobicoinClient(
             s.base_url,
             self.credentials,
@@ -239,344 +139,110 @@ class RobicoinOrderSink:
             timeout_s=s.request_timeout_s,
             connect_timeout_s=s.connect_timeout_s,
             clock=self._clock,
-            on_answer=self._on_answer,
+            on_answer=on_answer,
         )
-        self.limiter = RateLimiter(
-            RateLimit(s.rate_limit.other.count, s.rate_limit.other.window_s),
-            margin=s.rate_limit.margin_for(shared=s.rate_limit.share.slots > 1),
-            share=Share(s.rate_limit.share.slots, s.rate_limit.share.slot),
-            on_wait=m.rate_limit_observer(self.ctx.name, "other"),
-            clock=self._clock,
-        )
-        self._load_ledger()
-        spec = self.guard_spec()
-        self._guard = AuthGuard(
-            spec,
-            self.transactional_id,
-            read_state(self.ctx.kafka, spec.topic),
-            functools.partial(read_state, self.ctx.kafka, spec.topic),
-            self.ctx.transactions.commit,
-            self._now_ms,
-        )
-        publish(self._guard, m, self.ctx.name)
-        if self._guard.blocked:
-            report_blocked(self._guard, m, self.ctx.name, "Commands wait in Kafka.")
-        control = ControlReader(self.ctx, s.topics.control)
-        consumer = self._consumer()
-        try:
-            self._apply_control(control.changes(timeout_ms=500))
-            self._loop(consumer, control)
-        finally:
-            self._assigned = False
-            consumer.close(autocommit=False)
-            control.close()
+
+    def close(self) -> None:
+        if self.client is not None:
             self.client.close()
 
-    def _consumer(self) -> KafkaConsumer:
-        c = self.settings.consumer
-        consumer = KafkaConsumer(
-            **self.ctx.kafka.client_config(KafkaConsumer),
-            group_id=c.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_poll_records=20,
-            max_poll_interval_ms=c.max_poll_interval_ms,
-            session_timeout_ms=c.session_timeout_ms,
-            heartbeat_interval_ms=c.heartbeat_interval_ms,
-        )
-        consumer.subscribe([self.settings.topics.commands])
-        return consumer
+    # -- what the runtime asks -------------------------------------------------------
 
-    def _load_ledger(self) -> None:
-        state = read_state(self.ctx.kafka, self.settings.topics.ledger)
-        self._ledger = {}
-        for key, raw in state.items():
-            if raw is None:
-                continue
-            try:
-                self._ledger[key.decode()] = json.loads(raw)
-            except ValueError:
-                # Unreadable: treat the command as decided so it is never sent again.
-                self._ledger[key.decode()] = {"state": "final", "outcome": "unknown"}
-        pending = [k for k, v in self._ledger.items() if v.get("state") == "pending"]
-        self._m_in_flight.set(len(pending))
-        if pending:
-            log.warning(
-                "%d command(s) are pending from an earlier run; they are reconciled when "
-                "consumed again",
-                len(pending),
-            )
+    def parse(self, raw: bytes | None) -> cmds.Command:
+        return cmds.parse_command(raw, self.policy)
 
-    def _loop(self, consumer: KafkaConsumer, control: ControlReader) -> None:
-        idle = Backoff(initial_s=0.2, cap_s=2.0)
-        while not self._stop.is_set():
-            self._apply_control(control.changes(timeout_ms=0))
-            if self.paused or (self._guard is not None and self._guard.blocked):
-                self._hold(consumer)
-                if self._guard is not None and self._guard.blocked:
-                    self._check_guard_reset()
-                continue
-            try:
-                batch = group_poll(consumer, 200, self._stop.wait)
-            except KafkaError as exc:
-                log.warning("consumer poll failed: %r", exc)
-                time.sleep(idle.next_delay())
-                continue
-            self._assigned = bool(consumer.assignment())
-            self._group_ok = group_reachable(consumer)
-            self._refresh_committed(consumer)
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if self._stop.is_set() or self.paused or self._guard_blocked():
-                        # Not handled: read it again when work resumes.
-                        consumer.seek(tp, rec.offset)
-                        break
-                    try:
-                        self._handle(rec, consumer, control)
-                    except _Stopping:
-                        consumer.seek(tp, rec.offset)
-                        break
-                    except RetriableError as exc:
-                        # A Kafka transaction failed; the ledger may or may not hold
-                        # what was written. Re-read it and handle the record again.
-                        log.warning("command at %s:%d: %s; retrying", tp, rec.offset, exc)
-                        consumer.seek(tp, rec.offset)
-                        time.sleep(idle.next_delay())
-                        self._reload_after_failure()
-                        break
-            self._update_lag(consumer)
+    def exposure(self, cmd: cmds.Command) -> Exposure | None:
+        if not isinstance(cmd, cmds.CreateOrder):
+            return None  # cancelling reduces risk: the kill switch lets deletes run
+        return Exposure(cmd.pair, Decimal(cmd.amount), cmds.notional(cmd))
 
-    def _guard_blocked(self) -> bool:
-        return self._guard is not None and self._guard.blocked
-
-    def _hold(self, consumer: KafkaConsumer) -> None:
-        """Paused: keep the group membership and the high-water marks fresh (for the
-        lag gauge), hand nothing out, and read the same records again later."""
-        try:
-            batch = group_poll(consumer, 500, self._stop.wait)
-        except KafkaError as exc:
-            log.warning("consumer poll failed: %r", exc)
-            time.sleep(0.5)
-            return
-        self._assigned = bool(consumer.assignment())
-        self._group_ok = group_reachable(consumer)
-        self._refresh_committed(consumer)
-        for tp, recs in batch.items():
-            if recs:
-                consumer.seek(tp, recs[0].offset)
-        self._update_lag(consumer)
-        if batch:
-            # Put back: the next poll would fetch them again at once. Rest first, so
-            # holding is not a fetch loop at full speed.
-            self._stop.wait(0.5)
-
-    def _reload_after_failure(self) -> None:
-        try:
-            self.ctx.transactions.start()
-            self._load_ledger()
-        except RetriableError as exc:
-            log.warning("ledger reload failed: %s", exc)
-
-    def _refresh_committed(self, consumer: KafkaConsumer) -> None:
-        for tp in consumer.assignment():
-            if tp not in self._committed:
-                try:
-                    offset = consumer.committed(tp)
-                except KafkaError:
-                    continue
-                self._committed[tp] = offset or 0
-
-    def _update_lag(self, consumer: KafkaConsumer) -> None:
-        lag = self.ctx.metrics.consumer_lag
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is None or tp not in self._committed:
-                continue
-            lag.labels(self.ctx.name, tp.topic, str(tp.partition)).set(
-                max(0, high - self._committed[tp])
-            )
-
-    # -- control ---------------------------------------------------------------------
-
-    def _apply_control(self, changes: list[dict[str, Any]]) -> None:
-        for change in changes:
-            who = str(change.get("by", "?"))[:60]
-            why = str(change.get("reason", ""))[:200]
-            if isinstance(change.get("trading_enabled"), bool):
-                if change["trading_enabled"] != self.trading_enabled:
-                    log.warning(
-                        "kill switch: trading %s by %s (%s)",
-                        "enabled" if change["trading_enabled"] else "DISABLED",
-                        who,
-                        why,
-                    )
-                self.trading_enabled = change["trading_enabled"]
-            if isinstance(change.get("paused"), bool):
-                if change["paused"] != self.paused:
-                    log.warning(
-                        "sink %s by %s (%s)", "paused" if change["paused"] else "resumed", who, why
-                    )
-                self.paused = change["paused"]
-        self._m_trading.set(1 if self.trading_enabled else 0)
-        self._m_paused.set(1 if self.paused else 0)
-
-    # -- one command -----------------------------------------------------------------
-
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
-
-    def _handle(self, rec: Any, consumer: KafkaConsumer, control: ControlReader) -> None:
-        received_ms = self._now_ms()
-        tp = TopicPartition(rec.topic, rec.partition)
-        offsets = {tp: rec.offset + 1}
-        source = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
-        try:
-            cmd = cmds.parse_command(rec.value, self.policy)
-        except BadMessage as exc:
-            self._dead_letter(rec, exc, received_ms, offsets, consumer)
-            return
-        except cmds.Rejected as exc:
-            out = Outcome("rejected", exc.reason, exc.detail)
-            # An unsigned or forged command must not claim a command id, and a bad
-            # command must not overwrite the ledger entry of a real one with its id.
-            claim = (
-                exc.command_id is not None
-                and exc.reason not in ("unsigned", "bad_signature")
-                and exc.command_id not in self._ledger
-            )
-            self._finish(
-                None, exc.command_id or "", out, received_ms, source, offsets, consumer, claim
-            )
-            return
-        entry = self._ledger.get(cmd.command_id)
-        if entry is not None and entry.get("state") == "final":
-            out = Outcome("duplicate", f"already_{entry.get('outcome', 'decided')}")
-            self._finish(cmd, cmd.command_id, out, received_ms, source, offsets, consumer, False)
-            return
-        if entry is not None:  # pending: an earlier run died around the exchange call
-            out = self._resume(cmd, entry)
-        else:
-            out = self._decide(cmd, received_ms, control)
-        self._finish(cmd, cmd.command_id, out, received_ms, source, offsets, consumer, True)
-
-    def _decide(self, cmd: cmds.Command, received_ms: int, control: ControlReader) -> Outcome:
-        reason = cmds.expired(cmd, received_ms, self._max_age_ms())
-        if reason is not None:
-            return Outcome("expired", reason, "not executed: the command is too old")
+    def facts(self, cmd: cmds.Command) -> Facts:
         if isinstance(cmd, cmds.CreateOrder):
-            # The kill switch is read right before each new order, so a flip takes
-            # effect by the next command.
-            self._apply_control(control.changes(timeout_ms=25))
-            if not self.trading_enabled:
-                return Outcome("rejected", "kill_switch", "trading is disabled by the kill switch")
-            risk = self._risk(cmd)
-            if risk is not None:
-                return risk
-        self._admit()
-        pending_at = self._pending(cmd)
-        if isinstance(cmd, cmds.CreateOrder):
-            return self._create(cmd, pending_at)
-        return self._delete(cmd)
-
-    def _max_age_ms(self) -> int | None:
-        age = self.settings.command_max_age_s
-        return int(age * 1000) if age > 0 else None
-
-    def _risk(self, cmd: cmds.CreateOrder) -> Outcome | None:
-        value = cmds.notional(cmd)
-        if self._max_notional is not None and value > self._max_notional:
-            return Outcome(
-                "rejected", "risk_max_notional", f"order value {value} above {self._max_notional}"
+            return Facts(
+                {"pair": cmd.pair}, {"side": cmd.side, "amount": cmd.amount, "price": cmd.price}
             )
-        cap = self._max_amount.get(cmd.pair)
-        if cap is not None and Decimal(cmd.amount) > cap:
-            return Outcome("rejected", "risk_max_amount", f"amount above {cap} for {cmd.pair}")
-        per_minute = self.settings.risk.max_orders_per_minute
-        now = time.monotonic()
-        while self._recent_creates and now - self._recent_creates[0] > 60:
-            self._recent_creates.popleft()
-        if per_minute and len(self._recent_creates) >= per_minute:
-            return Outcome(
-                "rejected", "risk_rate", f"more than {per_minute} new orders in a minute"
-            )
-        self._recent_creates.append(now)
-        return None
+        return Facts({"pair": cmd.pair}, at_pending={"data_id": cmd.data_id})
 
-    def _pending(self, cmd: cmds.Command) -> int:
-        """Commit the ledger's ``pending`` entry; returns its time (exchange clock)."""
-        pending_at = int((self._clock() + self.client.clock_offset_s) * 1000)
-        entry: dict[str, Any] = {
-            "state": "pending",
-            "action": "create" if isinstance(cmd, cmds.CreateOrder) else "delete",
-            "pair": cmd.pair,
-            "pending_at_ms": pending_at,
-        }
+    def idempotent(self, cmd: cmds.Command) -> bool:
+        # A delete the previous run did make is refused the second time, and open-order
+        # then shows the order gone (already_gone).
+        return isinstance(cmd, cmds.DeleteOrder)
+
+    def exchange_time_ms(self) -> int:
+        return int((self._clock() + self._client().clock_offset_s) * 1000)
+
+    def execute(self, cmd: cmds.Command, pending_at_ms: int, calls: Calls) -> Decision | Ambiguous:
         if isinstance(cmd, cmds.CreateOrder):
-            entry.update(side=cmd.side, amount=cmd.amount, price=cmd.price)
-        else:
-            entry["data_id"] = cmd.data_id
-        self.ctx.transactions.commit([self._ledger_record(cmd.command_id, entry)])
-        self._ledger[cmd.command_id] = entry
-        self._m_in_flight.inc()
-        return pending_at
+            return self._create(cmd, calls)
+        return self._delete(cmd, calls)
 
-    def _ledger_record(self, command_id: str, entry: Mapping[str, Any]) -> OutRecord:
-        return OutRecord(
-            topic=self.settings.topics.ledger,
-            key=command_id.encode(),
-            value=json.dumps(entry, separators=(",", ":"), sort_keys=True).encode(),
-            timestamp_ms=self._now_ms(),
-            channel="ledger",
+    def reconcile(
+        self, cmd: cmds.Command, pending_at_ms: int, ambiguous: Ambiguous | None, calls: Calls
+    ) -> Decision:
+        if isinstance(cmd, cmds.DeleteOrder):
+            # Idempotent: the runtime sends a pending delete again rather than asking
+            # (and _delete never answers Ambiguous); should it ask, the same holds.
+            return self._delete(cmd, calls)
+        attempts = ambiguous.attempts if ambiguous is not None else 0
+        exchange_ms = ambiguous.exchange_ms if ambiguous is not None else None
+        return self._reconcile(cmd, pending_at_ms, attempts, exchange_ms, calls)
+
+    def result(
+        self,
+        cmd: cmds.Command | None,
+        command_id: str,
+        decision: Decision,
+        received_at_ms: int,
+        decided_at_ms: int,
+        source: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        return cmds.result(
+            command=cmd,
+            command_id=command_id,
+            action=cmd.action if cmd is not None else None,
+            outcome=decision.outcome,
+            reason=decision.reason,
+            message=decision.message,
+            pair=cmd.pair if cmd is not None else None,
+            reconciled=decision.reconciled,
+            attempts=decision.attempts,
+            command_created_at_ms=cmd.created_at_ms if cmd is not None else None,
+            received_at_ms=received_at_ms,
+            decided_at_ms=decided_at_ms,
+            exchange_ms=decision.exchange_ms,
+            source=source,
+            data_id=decision.learned.get("data_id"),
         )
 
     # -- exchange calls --------------------------------------------------------------
 
-    def _on_answer(self, endpoint: protocol.Endpoint, outcome: str, elapsed: float) -> None:
-        self.ctx.metrics.observe_request(self.ctx.name, endpoint.family, outcome, elapsed)
+    def _client(self) -> RobicoinClient:
+        assert self.client is not None, "attach() first"
+        return self.client
 
-    def _signed(self, endpoint: protocol.Endpoint, fields: Mapping[str, str] | None) -> Answer:
-        """One signed call through the auth guard and the rate limiter."""
-        guard = self._guard
-        assert guard is not None
-        if self._stop.is_set():
-            raise _Stopping
-        try:
-            guard.before_request()
-        except GuardRefused:
-            # No request was sent: another process with these credentials spent the
-            # budget. The command waits in Kafka like every other until a reset.
-            report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
-            raise _Stopping from None
-        try:
-            with self.limiter.slot_blocking():
-                answer = self.client.call(endpoint, fields)
-        except (AuthError, RequestFailed, RejectedError) as exc:
-            guard.settle(exc)
-            if isinstance(exc, AuthError):
-                self.ctx.metrics.auth_failures.labels(self.ctx.name).inc()
-                report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
-            raise
-        guard.settle(None)
-        publish(guard, self.ctx.metrics, self.ctx.name)
-        return answer
+    def _signed(
+        self, calls: Calls, endpoint: protocol.Endpoint, fields: Mapping[str, str] | None
+    ) -> Answer:
+        """One signed call through the runtime (auth guard, rate limiter, stop)."""
+        client = self._client()
+        return calls.call(lambda: client.call(endpoint, fields))
 
-    def _create(self, cmd: cmds.CreateOrder, pending_at: int) -> Outcome:
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+    def _create(self, cmd: cmds.CreateOrder, calls: Calls) -> Decision | Ambiguous:
+        s = self.source
+        backoff = Backoff(s.backoff_initial_s, s.backoff_max_s)
         attempts = 0
         spent = 0.0
         while True:
             attempts += 1
             started = time.monotonic()
             try:
-                answer = self._signed(protocol.CREATE_ORDER, cmds.create_fields(cmd))
+                answer = self._signed(calls, protocol.CREATE_ORDER, cmds.create_fields(cmd))
             except RequestFailed as exc:
                 spent += time.monotonic() - started
                 if exc.maybe_executed:
-                    log.warning("create %s: outcome unknown (%s); reconciling", cmd.command_id, exc)
-                    return self._reconcile(cmd, pending_at, attempts, int(spent * 1000))
-                if attempts >= self.settings.max_send_attempts:
-                    return Outcome(
+                    return Ambiguous(attempts, int(spent * 1000), str(exc))
+                if attempts >= s.max_send_attempts:
+                    return Decision(
                         "failed",
                         "exchange_unavailable",
                         str(exc),
@@ -584,12 +250,12 @@ class RobicoinOrderSink:
                         attempts,
                         int(spent * 1000),
                     )
-                self._sleep(backoff.next_delay())
+                calls.sleep(backoff.next_delay())
                 continue
             except AuthError as exc:
-                return Outcome("failed", "unauthorized", str(exc), False, attempts)
+                return Decision("failed", "unauthorized", str(exc), False, attempts)
             except RejectedError as exc:
-                return Outcome(
+                return Decision(
                     "failed",
                     "exchange_rejected",
                     exc.message,
@@ -600,11 +266,11 @@ class RobicoinOrderSink:
             spent += time.monotonic() - started
             payload = answer.payload
             if isinstance(payload, dict) and isinstance(payload.get("success"), str):
-                return Outcome(
+                return Decision(
                     "accepted", None, payload["success"], False, attempts, int(spent * 1000)
                 )
             if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-                return Outcome(
+                return Decision(
                     "failed",
                     "exchange_rejected",
                     payload["error"],
@@ -612,26 +278,26 @@ class RobicoinOrderSink:
                     attempts,
                     int(spent * 1000),
                 )
-            log.warning("create %s: unexpected answer; reconciling", cmd.command_id)
-            return self._reconcile(cmd, pending_at, attempts, int(spent * 1000))
+            return Ambiguous(attempts, int(spent * 1000), "an unexpected answer")
 
-    def _delete(self, cmd: cmds.DeleteOrder) -> Outcome:
+    def _delete(self, cmd: cmds.DeleteOrder, calls: Calls) -> Decision:
         """delete-order is idempotent on data_id: ambiguous failures are simply retried.
         Any other answer but the documented ``success`` (any 4xx that is not an auth
         failure, whatever its text; a 2xx without ``success``) decides nothing by
         itself: open-order does (:meth:`_confirm_delete`)."""
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        s = self.source
+        backoff = Backoff(s.backoff_initial_s, s.backoff_max_s)
         attempts = 0
         spent = 0.0
         while True:
             attempts += 1
             started = time.monotonic()
             try:
-                answer = self._signed(protocol.DELETE_ORDER, cmds.delete_fields(cmd))
+                answer = self._signed(calls, protocol.DELETE_ORDER, cmds.delete_fields(cmd))
             except RequestFailed as exc:
                 spent += time.monotonic() - started
-                if attempts >= self.settings.max_send_attempts + 5:
-                    return Outcome(
+                if attempts >= s.max_send_attempts + 5:
+                    return Decision(
                         "unknown",
                         "exchange_unavailable",
                         str(exc),
@@ -639,28 +305,34 @@ class RobicoinOrderSink:
                         attempts,
                         int(spent * 1000),
                     )
-                self._sleep(backoff.next_delay())
+                calls.sleep(backoff.next_delay())
                 continue
             except AuthError as exc:
                 # Never "not found": no further signed request after an auth failure.
-                return Outcome("failed", "unauthorized", str(exc), False, attempts)
+                return Decision("failed", "unauthorized", str(exc), False, attempts)
             except RejectedError as exc:  # NotFoundError (404/405) included
                 spent += time.monotonic() - started
                 refusal = f"HTTP {exc.status}: {exc.message}"
-                return self._confirm_delete(cmd, exc.message, refusal, attempts, spent)
+                return self._confirm_delete(cmd, exc.message, refusal, attempts, spent, calls)
             spent += time.monotonic() - started
             payload = answer.payload
             message = payload.get("success") if isinstance(payload, dict) else None
             if not isinstance(message, str):
                 text = redact(protocol.error_message(answer.text))
-                return self._confirm_delete(cmd, text, f"HTTP 2xx: {text}", attempts, spent)
-            return Outcome(
-                "accepted", None, message, False, attempts, int(spent * 1000), cmd.data_id
+                return self._confirm_delete(cmd, text, f"HTTP 2xx: {text}", attempts, spent, calls)
+            return Decision(
+                "accepted", None, message, False, attempts, int(spent * 1000), _learned(cmd.data_id)
             )
 
     def _confirm_delete(
-        self, cmd: cmds.DeleteOrder, message: str, refusal: str, attempts: int, spent: float
-    ) -> Outcome:
+        self,
+        cmd: cmds.DeleteOrder,
+        message: str,
+        refusal: str,
+        attempts: int,
+        spent: float,
+        calls: Calls,
+    ) -> Decision:
         """A delete the exchange did not confirm: read open-order (signed, guarded,
         rate-limited) to learn whether the order is still there. Gone → ``accepted``
         (``already_gone``: a retry after a lost answer, a resume after a crash, or an
@@ -668,293 +340,140 @@ class RobicoinOrderSink:
         (redacted) ``message``; cannot tell → ``unknown``. It never sends the delete
         again: the exchange has answered it."""
         exchange_ms = int(spent * 1000)
-        read = self._read_account(f"checking delete {cmd.command_id}", protocol.OPEN_ORDER)
-        m = self.ctx.metrics.reconciliations
+        read = self._read_account(calls, f"checking delete {cmd.command_id}", protocol.OPEN_ORDER)
         if read is None:
-            m.labels(self.ctx.name, "undecided").inc()
             why = f"delete-order answered {refusal}; open-order could not be read"
             return self._unknown_delete(cmd, why, attempts, exchange_ms)
         check = cmds.find_open(cmd, read[0])
+        learned = _learned(cmd.data_id)
         if check.state is cmds.OpenState.GONE:
-            m.labels(self.ctx.name, "not_found").inc()
             log.info("delete %s: %s (%s): already gone", cmd.command_id, refusal, check.detail)
-            return Outcome(
-                "accepted", "already_gone", message, True, attempts, exchange_ms, cmd.data_id
+            return Decision(
+                "accepted",
+                "already_gone",
+                message,
+                True,
+                attempts,
+                exchange_ms,
+                learned,
+                "not_found",
             )
         if check.state is cmds.OpenState.OPEN:
-            m.labels(self.ctx.name, "found").inc()
             log.warning("delete %s refused: %s (%s)", cmd.command_id, refusal, check.detail)
-            return Outcome(
-                "failed", "exchange_rejected", message, True, attempts, exchange_ms, cmd.data_id
+            return Decision(
+                "failed",
+                "exchange_rejected",
+                message,
+                True,
+                attempts,
+                exchange_ms,
+                learned,
+                "found",
             )
-        m.labels(self.ctx.name, "undecided").inc()
         why = f"delete-order answered {refusal}; {check.detail}"
         return self._unknown_delete(cmd, why, attempts, exchange_ms)
 
     def _unknown_delete(
         self, cmd: cmds.DeleteOrder, why: str, attempts: int, exchange_ms: int
-    ) -> Outcome:
+    ) -> Decision:
         log.error(
             "delete %s: outcome UNKNOWN (%s). It is not retried; check order %d by hand.",
             cmd.command_id,
             why,
             cmd.data_id,
         )
-        return Outcome("unknown", "undecided", why, True, attempts, exchange_ms, cmd.data_id)
+        return Decision(
+            "unknown",
+            "undecided",
+            why,
+            True,
+            attempts,
+            exchange_ms,
+            _learned(cmd.data_id),
+            "undecided",
+        )
 
-    def _resume(self, cmd: cmds.Command, entry: Mapping[str, Any]) -> Outcome:
-        """A command found pending: the previous run may or may not have called."""
-        if isinstance(cmd, cmds.DeleteOrder):
-            # Sending it again is safe: a delete the previous run did make is then
-            # refused, and open-order shows the order gone (already_gone).
-            log.warning("delete %s was pending at restart; sending it again", cmd.command_id)
-            return self._delete(cmd)
-        pending_at = int(entry.get("pending_at_ms") or self._now_ms())
-        log.warning("command %s was pending at restart; reconciling", cmd.command_id)
-        return self._reconcile(cmd, pending_at, 0, None)
-
-    def _read_account(self, what: str, *endpoints: protocol.Endpoint) -> list[list[Any]] | None:
+    def _read_account(
+        self, calls: Calls, what: str, *endpoints: protocol.Endpoint
+    ) -> list[list[Any]] | None:
         """The data rows of each signed ``endpoints`` read, retried on transient
         failures up to ``RECONCILE_READS`` times; None when they could not be read."""
-        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        backoff = Backoff(self.source.backoff_initial_s, self.source.backoff_max_s)
         for _ in range(RECONCILE_READS):
             try:
                 return [
-                    protocol.data_rows(self._signed(endpoint, None).payload)
+                    protocol.data_rows(self._signed(calls, endpoint, None).payload)
                     for endpoint in endpoints
                 ]
             except RequestFailed as exc:
                 log.warning("%s: %s; retrying", what, exc)
-                self._sleep(backoff.next_delay())
+                calls.sleep(backoff.next_delay())
             except (AuthError, RejectedError, BadMessage) as exc:
                 log.error("%s: %s", what, exc)
                 return None
         return None
 
     def _reconcile(
-        self, cmd: cmds.CreateOrder, pending_at: int, attempts: int, exchange_ms: int | None
-    ) -> Outcome:
+        self,
+        cmd: cmds.CreateOrder,
+        pending_at: int,
+        attempts: int,
+        exchange_ms: int | None,
+        calls: Calls,
+    ) -> Decision:
         """Decide an ambiguous create from the exchange's own state; never resend."""
-        self._sleep(self.settings.reconcile_settle_s)
+        calls.sleep(self.source.reconcile_settle_s)
         rows = self._read_account(
-            f"reconciling {cmd.command_id}", protocol.OPEN_ORDER, protocol.TRANSACTION
+            calls, f"reconciling {cmd.command_id}", protocol.OPEN_ORDER, protocol.TRANSACTION
         )
-        m = self.ctx.metrics.reconciliations
         if rows is None:
-            m.labels(self.ctx.name, "undecided").inc()
             return self._unknown(cmd, "could not read the exchange's state", attempts, exchange_ms)
-        now = int((self._clock() + self.client.clock_offset_s) * 1000)
+        now = self.exchange_time_ms()
         since = pending_at - RECONCILE_SLACK_MS
         placement = cmds.find_placed(
             cmd, rows[0], rows[1], since, now + RECONCILE_SLACK_MS, self._zone
         )
-        claimed = self._claimed(cmd, since)
+        claimed = calls.claimed(cmd, self.facts(cmd), since)
         matches = len(placement.open_matches) + placement.fill_matches
         if matches > claimed:
-            m.labels(self.ctx.name, "found").inc()
             data_id = placement.open_matches[0] if len(placement.open_matches) == 1 else None
             log.warning("reconciled %s: the order was placed", cmd.command_id)
-            return Outcome(
+            return Decision(
                 "accepted",
                 "reconciled",
                 "found on the exchange after an ambiguous call",
                 True,
                 attempts,
                 exchange_ms,
-                data_id,
+                _learned(data_id),
+                "found",
             )
         if not placement.saturated:
-            m.labels(self.ctx.name, "not_found").inc()
             log.warning("reconciled %s: the order was not placed", cmd.command_id)
-            return Outcome(
+            return Decision(
                 "failed",
                 "not_placed",
                 "the call's outcome was unknown and the exchange shows no such order: not placed",
                 True,
                 attempts,
                 exchange_ms,
+                found="not_found",
             )
-        m.labels(self.ctx.name, "undecided").inc()
         return self._unknown(cmd, "the exchange's last-25 windows are full", attempts, exchange_ms)
 
     def _unknown(
         self, cmd: cmds.CreateOrder, why: str, attempts: int, exchange_ms: int | None
-    ) -> Outcome:
+    ) -> Decision:
         log.error(
             "command %s: outcome UNKNOWN (%s). It is not retried; check the account and "
             "resolve it by hand.",
             cmd.command_id,
             why,
         )
-        return Outcome("unknown", "undecided", why, True, attempts, exchange_ms)
-
-    def _claimed(self, cmd: cmds.CreateOrder, since: int) -> int:
-        """Orders of the same shape already attributed to other accepted commands."""
-        n = 0
-        for cid, e in self._ledger.items():
-            if (
-                cid != cmd.command_id
-                and e.get("state") == "final"
-                and e.get("outcome") == "accepted"
-                and e.get("action") == "create"
-                and (e.get("pair"), e.get("side"), e.get("amount"), e.get("price"))
-                == (cmd.pair, cmd.side, cmd.amount, cmd.price)
-                and int(e.get("decided_at_ms") or 0) >= since
-            ):
-                n += 1
-        return n
-
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            raise _Stopping
-
-    # -- results ---------------------------------------------------------------------
-
-    def _finish(
-        self,
-        cmd: cmds.Command | None,
-        command_id: str,
-        out: Outcome,
-        received_ms: int,
-        source: dict[str, Any],
-        offsets: dict[TopicPartition, int],
-        consumer: KafkaConsumer,
-        record_in_ledger: bool,
-    ) -> None:
-        """Ledger outcome + result + consumed offset, in one transaction."""
-        decided_ms = self._now_ms()
-        action = None
-        if isinstance(cmd, cmds.CreateOrder):
-            action = "create"
-        elif isinstance(cmd, cmds.DeleteOrder):
-            action = "delete"
-        result = cmds.result(
-            command=cmd,
-            command_id=command_id,
-            action=action,
-            outcome=out.outcome,
-            reason=out.reason,
-            message=out.message,
-            pair=cmd.pair if cmd is not None else None,
-            reconciled=out.reconciled,
-            attempts=out.attempts,
-            command_created_at_ms=cmd.created_at_ms if cmd is not None else None,
-            received_at_ms=received_ms,
-            decided_at_ms=decided_ms,
-            exchange_ms=out.exchange_ms,
-            source=source,
-            data_id=out.data_id,
-        )
-        batch = [
-            OutRecord(
-                topic=self.settings.topics.results,
-                key=command_id.encode() or None,
-                value=json.dumps(result, separators=(",", ":")).encode(),
-                headers=[
-                    ("content-type", records.CONTENT_TYPE),
-                    ("schema", b"robicoin.order-result/v1"),
-                ],
-                timestamp_ms=decided_ms,
-                channel="result",
-            )
-        ]
-        entry: dict[str, Any] | None = None
-        if record_in_ledger and command_id and out.outcome != "duplicate":
-            entry = dict(self._ledger.get(command_id) or {})
-            was_pending = entry.get("state") == "pending"
-            entry.update(state="final", outcome=out.outcome, decided_at_ms=decided_ms)
-            if cmd is not None:
-                entry.setdefault("action", action)
-                entry.setdefault("pair", cmd.pair)
-                if isinstance(cmd, cmds.CreateOrder):
-                    entry.update(side=cmd.side, amount=cmd.amount, price=cmd.price)
-            if out.data_id is not None:
-                entry["data_id"] = out.data_id
-            batch.append(self._ledger_record(command_id, entry))
-        else:
-            was_pending = False
-        self.ctx.transactions.commit(batch, offsets, consumer)
-        if entry is not None:
-            self._ledger[command_id] = entry
-            if was_pending:
-                self._m_in_flight.dec()
-        for tp, off in offsets.items():
-            self._committed[tp] = off
-        m = self.ctx.metrics
-        m.commands.labels(self.ctx.name, action or "unknown", out.outcome).inc()
-        if cmd is not None:
-            m.command_latency.labels(self.ctx.name, action or "unknown").observe(
-                max(0.0, (decided_ms - cmd.created_at_ms) / 1000)
-            )
-        log.info(
-            "command %s: %s%s",
-            command_id or "?",
-            out.outcome,
-            f" ({out.reason})" if out.reason else "",
-        )
-
-    def _dead_letter(
-        self,
-        rec: Any,
-        exc: BadMessage,
-        received_ms: int,
-        offsets: dict[TopicPartition, int],
-        consumer: KafkaConsumer,
-    ) -> None:
-        dl = records.dead_letter(
-            topic=self.settings.topics.dead_letter,
-            raw=rec.value if rec.value is not None else b"",
-            reason=exc.reason,
-            detail=exc.detail,
-            exchange=protocol.EXCHANGE,
-            receive_time_ms=received_ms,
-            source=NAME,
-            key=rec.key,
-            extra_headers=[
-                ("source.topic", rec.topic.encode()),
-                ("source.partition", str(rec.partition).encode()),
-                ("source.offset", str(rec.offset).encode()),
-            ],
-        )
-        self.ctx.transactions.commit([dl], offsets, consumer)
-        for tp, off in offsets.items():
-            self._committed[tp] = off
-        self.ctx.metrics.dead_letters.labels(self.ctx.name, exc.reason).inc()
-        log.warning("dead-lettered the record at %s:%d: %s", rec.topic, rec.offset, exc.reason)
-
-    # -- guard -----------------------------------------------------------------------
-
-    _last_guard_check = 0.0
-
-    def _admit(self) -> None:
-        """Before a command claims the ledger: until the credentials were accepted in
-        this process, re-read the shared guard (the poller may have spent the budget
-        since this sink started) and leave the command in Kafka if it refuses."""
-        guard = self._guard
-        assert guard is not None
-        if guard.verified:
-            return
-        guard.refresh()
-        publish(guard, self.ctx.metrics, self.ctx.name)
-        if guard.blocked:
-            report_blocked(guard, self.ctx.metrics, self.ctx.name, "Commands wait in Kafka.")
-            raise _Stopping
-
-    def _check_guard_reset(self) -> None:
-        assert self._guard is not None
-        now = time.monotonic()
-        if now - self._last_guard_check < self.settings.auth_guard.recheck_s:
-            return
-        self._last_guard_check = now
-        try:
-            state = read_state(self.ctx.kafka, self._guard.spec.topic)
-        except RetriableError as exc:
-            log.warning("cannot re-read the auth guard: %s", exc)
-            return
-        reopen_if_reset(self._guard, state, self.ctx.metrics, self.ctx.name)
+        return Decision("unknown", "undecided", why, True, attempts, exchange_ms, found="undecided")
 
 
-def create(config: OrderSinkConfig) -> RobicoinOrderSink:
+def create(config: OrderSinkConfig) -> CommandSink[cmds.Command]:
     if not isinstance(config, OrderSinkConfig):
         raise ConfigError("robicoin-orders needs an OrderSinkConfig")
-    return RobicoinOrderSink(config)
+    return CommandSink(RobicoinOrders(config))

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from connectors.robicoin.config import AccountSettings, AccountShare, RateLimitSettings
-from connectors.runtime.app import RuntimeSettings
 from connectors.runtime.config import Secret, excerpt, positive, read_secret
 from connectors.runtime.errors import ConfigError
-from connectors.runtime.kafka import KafkaSettings
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings
 
 HMAC_SECRET_ENV = "ROBICOIN_COMMAND_HMAC_SECRET"
 

@@ -15,16 +15,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from connectors.runtime.backoff import Backoff
-from connectors.runtime.config import excerpt, positive
+from connectors.runtime.context import RuntimeContext
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.health import HealthServer, HealthState
-from connectors.runtime.kafka import Delivery, KafkaSettings, ensure_topics
+from connectors.runtime.kafka import Delivery, ensure_topics
 from connectors.runtime.metrics import Metrics
 from connectors.runtime.plugins import ConnectorPlugin
+from connectors.runtime.producer import ProducerFactory
+from connectors.runtime.settings import KafkaSettings, RuntimeSettings
 from connectors.runtime.state import Transactions
 
 log = logging.getLogger(__name__)
@@ -32,56 +34,6 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """The ``runtime:`` section of every connector's config."""
-
-    health_host: str = "0.0.0.0"
-    health_port: int = 8080
-    log_level: str = "INFO"
-    log_json: bool = False
-    #: How long SIGTERM waits for Kafka to acknowledge buffered records.
-    drain_timeout_s: float = 20.0
-
-    def validate(self) -> None:
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"runtime.log_level: unknown level {excerpt(self.log_level)}")
-        if not 0 <= self.health_port <= 65535:
-            raise ConfigError(f"runtime.health_port: {self.health_port} is not in 0..65535")
-        positive("runtime.drain_timeout_s", self.drain_timeout_s)
-
-
-@dataclass
-class RuntimeContext:
-    """What a running connector gets from the runtime.
-
-    A connector writes either through ``delivery`` (a tracked idempotent producer,
-    for streams) or, when it declares a ``transactional_id``, through
-    ``transactions`` (atomic batches with its state); never both.
-    """
-
-    name: str
-    metrics: Metrics
-    health: HealthState
-    stop: asyncio.Event
-    kafka: KafkaSettings
-    _delivery: Delivery | None = None
-    _transactions: Transactions | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def delivery(self) -> Delivery:
-        if self._delivery is None:
-            raise RuntimeError("this connector writes through Kafka transactions")
-        return self._delivery
-
-    @property
-    def transactions(self) -> Transactions:
-        if self._transactions is None:
-            raise RuntimeError("this connector has no transactional_id")
-        return self._transactions
 
 
 @dataclass
@@ -104,13 +56,16 @@ async def _connect_kafka(
     name: str,
     topics: dict[str, dict[str, str]],
     stop: asyncio.Event,
+    factory: ProducerFactory | None,
 ) -> Delivery | None:
     """Retry until Kafka answers (not ready meanwhile) or stop is requested."""
     backoff = Backoff(initial_s=0.5, cap_s=15.0)
     while not stop.is_set():
         try:
             await asyncio.to_thread(ensure_topics, settings, topics, topics)
-            return await asyncio.to_thread(Delivery.connect, settings, metrics, name, topics)
+            return await asyncio.to_thread(
+                Delivery.connect, settings, metrics, name, topics, factory
+            )
         except RetriableError as exc:
             delay = backoff.next_delay()
             log.warning("Kafka not ready (%s); retrying in %.1fs", exc, delay)
@@ -163,8 +118,12 @@ async def run_connector(
     stop: asyncio.Event | None = None,
     install_signals: bool = True,
     started: asyncio.Future[RunResult] | None = None,
+    producer_factory: ProducerFactory | None = None,
 ) -> RunResult:
-    """Run ``plugin`` with ``config`` until stopped; returns the process exit code."""
+    """Run ``plugin`` with ``config`` until stopped; returns the process exit code.
+
+    ``producer_factory`` builds the stream producer instead of the backend the config
+    names (tests and the benchmark wrap the real one to observe it)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     runtime: RuntimeSettings = config.runtime
@@ -201,7 +160,9 @@ async def run_connector(
                 return result
             health.add_check("kafka", transactions.healthy)
         else:
-            delivery = await _connect_kafka(kafka, metrics, plugin.name, topics, stop)
+            delivery = await _connect_kafka(
+                kafka, metrics, plugin.name, topics, stop, producer_factory
+            )
             if delivery is None:
                 return result
             health.add_check("kafka", delivery.healthy)

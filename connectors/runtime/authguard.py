@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from connectors.runtime.errors import AuthError, RetriableError
-from connectors.runtime.kafka import OutRecord
 from connectors.runtime.metrics import Metrics
+from connectors.runtime.records import OutRecord
 
 log = logging.getLogger(__name__)
 

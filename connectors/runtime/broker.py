@@ -64,8 +64,15 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         cmd = [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        # Its own session: a Ctrl-C in the terminal (SIGINT to the whole foreground
+        # group) must not stop the broker before the connectors drained into it; it is
+        # stopped by stop(), after them.
         self.process = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s)

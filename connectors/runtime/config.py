@@ -160,6 +160,26 @@ def read_secret(
     return None
 
 
+def read_secrets(
+    section: Any, what: str, envs: Mapping[str, str], required: bool = True
+) -> list[Secret | None]:
+    """:func:`read_secret` for each ``name -> env`` of a credentials section whose
+    fields are ``<name>`` (a Secret) and ``<name>_file`` (a mounted file's path)."""
+    out = []
+    for name, env in envs.items():
+        value: Secret | None = getattr(section, name)
+        out.append(
+            read_secret(
+                value=value.reveal() if value else None,
+                file=getattr(section, f"{name}_file"),
+                env=env,
+                what=f"{what}.{name}",
+                required=required,
+            )
+        )
+    return out
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

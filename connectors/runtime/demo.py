@@ -22,6 +22,7 @@ from kafka import KafkaConsumer
 
 from connectors.runtime.app import RunResult, run_connector
 from connectors.runtime.broker import kafka_broker
+from connectors.runtime.kafka import assign_from_beginning
 from connectors.runtime.plugins import ConnectorPlugin, DemoPart, discover
 
 
@@ -43,8 +44,9 @@ class TopicCounter(threading.Thread):
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
-        consumer.subscribe(self.topics)
         try:
+            # The connectors create their topics as they start: wait for them.
+            assign_from_beginning(consumer, self.topics, timeout_s=30)
             while not self._stop_event.is_set():
                 for tp, batch in consumer.poll(timeout_ms=200).items():
                     with self._lock:

@@ -22,7 +22,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from requests.adapters import HTTPAdapter
 from requests.utils import get_encoding_from_headers
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from connectors.runtime.errors import AuthError, FatalError, RetriableError
 
 #: Bytes read from the socket per step while streaming an answer.
 CHUNK_BYTES = 64 * 1024
@@ -297,3 +299,31 @@ def _read(
         if size > limit:
             return b"".join(parts)[:limit], True
     return b"".join(parts), False
+
+
+def status_outcome(status: int, auth_statuses: Collection[int] = (401, 403)) -> str:
+    """What an HTTP status means, as the ``outcome`` label of ``connector_requests_total``:
+    ``ok``; ``rate_limited`` (429) and ``retriable`` (5xx) are worth another try later;
+    ``unauthorized`` (``auth_statuses``) refuses the credentials; ``rejected`` is any
+    other definite no."""
+    if status < 300:
+        return "ok"
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "retriable"
+    if status in auth_statuses:
+        return "unauthorized"
+    return "rejected"
+
+
+def raise_for_outcome(what: str, status: int, outcome: str) -> None:
+    """What the caller does with a :func:`status_outcome`: nothing for ``ok``, otherwise
+    RetriableError, AuthError or FatalError."""
+    if outcome == "ok":
+        return
+    if outcome in ("rate_limited", "retriable"):
+        raise RetriableError(f"{what}: HTTP {status}")
+    if outcome == "unauthorized":
+        raise AuthError(f"{what}: the exchange refused the credentials (HTTP {status})")
+    raise FatalError(f"{what}: HTTP {status}")

@@ -1,4 +1,4 @@
-"""Kafka delivery shared by every connector: settings, topic set-up, a tracked producer.
+"""Kafka delivery shared by every connector: topic set-up, a tracked producer.
 
 :class:`Delivery` wraps kafka-python's ``KafkaProducer`` (acks=all, idempotent), or
 with ``kafka.producer_backend: confluent-kafka`` the librdkafka producer of
@@ -21,120 +21,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConfigurationError, KafkaError, TopicAlreadyExistsError
 
-from connectors.runtime.config import Secret, excerpt, positive
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.metrics import Metrics
+from connectors.runtime.producer import Producer, ProducerFactory
+from connectors.runtime.records import OutRecord
+from connectors.runtime.settings import KafkaSettings, require_confluent_kafka
 
 log = logging.getLogger(__name__)
-
-# Settings the runtime owns: delivery guarantees are not negotiable per deployment.
-_OWNED = {
-    "bootstrap_servers",
-    "acks",
-    "enable_idempotence",
-    "key_serializer",
-    "value_serializer",
-    "kafka_client",
-    "transactional_id",
-}
-_SECRET_HINTS = ("password", "token", "secret")
-#: ``kafka.producer_backend`` values; transactions always use kafka-python.
-PRODUCER_BACKENDS = ("kafka-python", "confluent-kafka")
-#: What kafka-python connects with (transactions always use it, so its spelling).
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-
-
-@dataclass(frozen=True)
-class KafkaSettings:
-    """The ``kafka:`` section of every connector's config."""
-
-    bootstrap_servers: str = "localhost:9092"
-    #: Passed to kafka-python as they are: security_protocol, sasl_mechanism,
-    #: sasl_plain_username/password, ssl_cafile/certfile/keyfile, client_id, ...
-    client: dict[str, Any] = field(default_factory=dict)
-    linger_ms: int = 5
-    compression_type: str | None = None
-    delivery_timeout_ms: int = 120_000
-    request_timeout_ms: int = 30_000
-    #: Unacknowledged records allowed before the source stops reading (memory bound).
-    max_buffered_records: int = 20_000
-    #: Stop reading when the oldest unacknowledged record is older than this.
-    stall_after_s: float = 10.0
-    #: Longest wait for Kafka to confirm one transaction (records, offsets, commit).
-    commit_timeout_s: float = 15.0
-    create_topics: bool = True
-    topic_partitions: int = 3
-    replication_factor: int = 1
-    #: The stream producer: kafka-python, or librdkafka (``pip install
-    #: 'exchange-connectors[confluent]'``). Transactions always use kafka-python.
-    producer_backend: str = "kafka-python"
-
-    def validate(self) -> None:
-        allowed = set(KafkaProducer.DEFAULT_CONFIG) - _OWNED
-        for key in self.client:
-            if key in _OWNED:
-                raise ConfigError(
-                    f"kafka.client.{key} is set by the connector and cannot be changed"
-                )
-            if key not in allowed:
-                raise ConfigError(f"kafka.client: unknown kafka-python setting {excerpt(key)}")
-            wrong_type = isinstance(self.client[key], int | float | list | tuple | dict)
-            if wrong_type and any(h in key for h in _SECRET_HINTS):
-                raise ConfigError(
-                    f"kafka.client.{key}: expected a string (quote it); "
-                    "the value is a secret and is not shown"
-                )
-        protocol = self.client.get("security_protocol", "PLAINTEXT")
-        if protocol not in SECURITY_PROTOCOLS:
-            raise ConfigError(
-                f"kafka.client.security_protocol: {excerpt(protocol)} is not one of "
-                f"{', '.join(SECURITY_PROTOCOLS)}"
-            )
-        for name in ("topic_partitions", "replication_factor"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"kafka.{name} must be at least 1")
-        positive("kafka.stall_after_s", self.stall_after_s)
-        positive("kafka.commit_timeout_s", self.commit_timeout_s)
-        positive("kafka.delivery_timeout_ms", self.delivery_timeout_ms, "milliseconds")
-        positive("kafka.request_timeout_ms", self.request_timeout_ms, "milliseconds")
-        if self.linger_ms < 0:
-            raise ConfigError("kafka.linger_ms must be >= 0")
-        if self.max_buffered_records < 1:
-            raise ConfigError("kafka.max_buffered_records must be at least 1")
-        if self.stall_after_s * 1000 >= self.delivery_timeout_ms:
-            raise ConfigError("kafka.stall_after_s must be shorter than delivery_timeout_ms")
-        if self.producer_backend not in PRODUCER_BACKENDS:
-            allowed_backends = ", ".join(repr(b) for b in PRODUCER_BACKENDS)
-            raise ConfigError(
-                f"kafka.producer_backend: {excerpt(self.producer_backend)} is not one of "
-                f"{allowed_backends}"
-            )
-        if self.producer_backend == "confluent-kafka":
-            _rdkafka().check_client(self.client)
-
-    def client_config(self, for_client: type | None = None) -> dict[str, Any]:
-        """Connection settings for ``for_client`` (producer-only keys such as
-        ``max_request_size`` are left out for the admin client and consumers)."""
-        accepted = getattr(for_client, "DEFAULT_CONFIG", None)
-        out: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers.split(",")}
-        for key, value in self.client.items():
-            if accepted is None or key in accepted:
-                out[key] = value.reveal() if isinstance(value, Secret) else value
-        return out
-
-    def __repr__(self) -> str:
-        shown = {
-            k: ("***" if any(h in k for h in _SECRET_HINTS) else v) for k, v in self.client.items()
-        }
-        return f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, client={shown!r})"
 
 
 def producer_config(settings: KafkaSettings) -> dict[str, Any]:
@@ -156,15 +56,9 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
 
 def _rdkafka() -> ModuleType:
     """The librdkafka backend, imported only when chosen (an optional dependency)."""
-    try:
-        from connectors.runtime import rdkafka
-    except ImportError as exc:
-        if exc.name != "confluent_kafka":
-            raise
-        raise ConfigError(
-            "kafka.producer_backend confluent-kafka needs the confluent-kafka package: "
-            "pip install 'exchange-connectors[confluent]'"
-        ) from None
+    require_confluent_kafka()
+    from connectors.runtime import rdkafka
+
     return rdkafka
 
 
@@ -205,17 +99,19 @@ def ensure_topics(
         admin.close()
 
 
-@dataclass(frozen=True)
-class OutRecord:
-    topic: str
-    #: None is a tombstone (deletes the key in a compacted topic).
-    value: bytes | None
-    key: bytes | None = None
-    headers: Sequence[tuple[str, bytes]] = ()
-    timestamp_ms: int | None = None
-    channel: str = "-"
-    #: Explicit partition (markers sent to every partition); None = by key.
-    partition: int | None = None
+def create_producer(settings: KafkaSettings) -> Producer:
+    """The stream producer ``kafka.producer_backend`` names."""
+    producer: Producer
+    try:
+        if settings.producer_backend == "confluent-kafka":
+            producer = _rdkafka().RdKafkaProducer(settings)
+        else:
+            producer = KafkaProducer(**producer_config(settings))
+    except KafkaConfigurationError as exc:
+        raise ConfigError(f"kafka.client: {exc}") from None
+    except KafkaError as exc:
+        raise RetriableError(f"Kafka not reachable at {settings.bootstrap_servers}: {exc}") from exc
+    return producer
 
 
 class Delivery:
@@ -223,7 +119,7 @@ class Delivery:
 
     def __init__(
         self,
-        producer: Any,
+        producer: Producer,
         metrics: Metrics,
         connector: str,
         max_buffered: int,
@@ -249,21 +145,16 @@ class Delivery:
 
     @classmethod
     def connect(
-        cls, settings: KafkaSettings, metrics: Metrics, connector: str, topics: Iterable[str]
+        cls,
+        settings: KafkaSettings,
+        metrics: Metrics,
+        connector: str,
+        topics: Iterable[str],
+        factory: ProducerFactory | None = None,
     ) -> Delivery:
-        """Create the producer and load every topic's metadata up front."""
-        producer: Any
-        try:
-            if settings.producer_backend == "confluent-kafka":
-                producer = _rdkafka().RdKafkaProducer(settings)
-            else:
-                producer = KafkaProducer(**producer_config(settings))
-        except KafkaConfigurationError as exc:
-            raise ConfigError(f"kafka.client: {exc}") from None
-        except KafkaError as exc:
-            raise RetriableError(
-                f"Kafka not reachable at {settings.bootstrap_servers}: {exc}"
-            ) from exc
+        """Create the producer (``factory``, by default :func:`create_producer`) and
+        load every topic's metadata up front."""
+        producer = (factory or create_producer)(settings)
         try:
             for topic in topics:
                 producer.partitions_for(topic)
@@ -425,3 +316,27 @@ def _poll_would_spin(consumer: Any) -> bool:
         )
     except Exception:
         return False
+
+
+def assign_from_beginning(
+    consumer: Any, topics: Sequence[str], timeout_s: float
+) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` to ``consumer`` (no group), at the start.
+
+    Waits up to ``timeout_s`` for each topic's partitions to be known (a topic just
+    created, or a metadata refresh); a topic that has none by then is left out. The one
+    way anything here reads a topic from its beginning: state and ledgers, the control
+    topic, the demo's counts, the tests and the benchmarks.
+    """
+    deadline = time.monotonic() + timeout_s
+    assigned: list[TopicPartition] = []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        assigned.extend(TopicPartition(topic, p) for p in sorted(parts or ()))
+    consumer.assign(assigned)
+    if assigned:
+        consumer.seek_to_beginning(*assigned)
+    return assigned

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from connectors.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from connectors.runtime.app import RuntimeContext
     from connectors.runtime.authguard import GuardSpec
+    from connectors.runtime.context import RuntimeContext
 
 GROUP = "exchange_connectors.plugins"
 

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import confluent_kafka
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -34,53 +34,18 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from connectors.runtime.config import Secret
 from connectors.runtime.errors import ConfigError
 from connectors.runtime.logs import MASK, register_secret
-
-if TYPE_CHECKING:
-    from connectors.runtime.kafka import KafkaSettings
+from connectors.runtime.settings import (
+    RDKAFKA_CLIENT_KEYS,
+    SECRET_HINTS,
+    KafkaSettings,
+    check_rdkafka_client,
+)
 
 log = logging.getLogger(__name__)
 #: librdkafka's own log lines (connection chatter at INFO, problems at WARNING+).
 librdkafka_log = logging.getLogger("librdkafka")
 
-#: ``kafka.client`` keys this backend understands: kafka-python name → librdkafka name.
-#: Any other key is refused rather than dropped: a security setting must never be
-#: ignored quietly.
-CLIENT_KEYS = {
-    "client_id": "client.id",
-    "security_protocol": "security.protocol",
-    "sasl_mechanism": "sasl.mechanism",
-    "sasl_plain_username": "sasl.username",
-    "sasl_plain_password": "sasl.password",
-    "ssl_cafile": "ssl.ca.location",
-    "ssl_certfile": "ssl.certificate.location",
-    "ssl_keyfile": "ssl.key.location",
-}
-# OAUTHBEARER without a token provider makes librdkafka use unsecured JWTs, and
-# kafka-python's token provider cannot be passed on: refused, like any unmapped key.
-_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI")
 MAX_BLOCK_S = 5.0
-_SECRET_HINTS = ("password", "token", "secret")
-
-
-def check_client(client: Mapping[str, Any]) -> None:
-    """Refuse ``kafka.client`` keys this backend cannot honour (names only, no values)."""
-    for key in client:
-        if key not in CLIENT_KEYS:
-            supported = ", ".join(sorted(CLIENT_KEYS))
-            raise ConfigError(
-                f"kafka.client.{key} is not supported with kafka.producer_backend "
-                f"confluent-kafka (supported: {supported})"
-            )
-    protocol = str(client.get("security_protocol", "PLAINTEXT")).upper()
-    mechanism = client.get("sasl_mechanism")
-    if protocol.startswith("SASL_") and mechanism is None:
-        # librdkafka would silently fall back to GSSAPI; kafka-python refuses too.
-        raise ConfigError("kafka.client.sasl_mechanism is required with a SASL security_protocol")
-    if mechanism is not None and str(mechanism).upper() not in _SASL_MECHANISMS:
-        raise ConfigError(
-            f"kafka.client.sasl_mechanism {mechanism!r} is not supported with "
-            f"kafka.producer_backend confluent-kafka (one of {', '.join(_SASL_MECHANISMS)})"
-        )
 
 
 def secrets_of(client: Mapping[str, Any]) -> list[str]:
@@ -90,17 +55,17 @@ def secrets_of(client: Mapping[str, Any]) -> list[str]:
     for key, value in client.items():
         if isinstance(value, Secret):
             out.append(value.reveal())
-        elif any(hint in key for hint in _SECRET_HINTS) and value:
+        elif any(hint in key for hint in SECRET_HINTS) and value:
             out.append(str(value))
     return [v for v in out if v]
 
 
 def rdkafka_config(settings: KafkaSettings) -> dict[str, Any]:
     """librdkafka settings equivalent to :func:`~connectors.runtime.kafka.producer_config`."""
-    check_client(settings.client)
+    check_rdkafka_client(settings.client)
     cfg: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers}
     for key, value in settings.client.items():
-        cfg[CLIENT_KEYS[key]] = value.reveal() if isinstance(value, Secret) else str(value)
+        cfg[RDKAFKA_CLIENT_KEYS[key]] = value.reveal() if isinstance(value, Secret) else str(value)
     cfg.update(
         {
             "acks": "all",

@@ -11,6 +11,11 @@ Envelope (one JSON object per Kafka record, UTF-8)::
 stream was interrupted (reconnect, Kafka outage, subscription change): state built
 from earlier records (an order book) must be rebuilt. Every decimal in ``data`` is
 a JSON string holding the exchange's exact text; this module refuses floats.
+
+The record types, in the order data flows: an exchange's protocol parses its text into
+:class:`Event` values (pure, no Kafka), the source encodes each one as an envelope and
+hands it over as an :class:`OutRecord`, which the producer writes. This module imports
+no Kafka client: pure modules use it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,44 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from connectors.runtime.kafka import OutRecord
 from connectors.runtime.logs import redact, redact_bytes
 
 CONTENT_TYPE = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One piece of exchange data, parsed, before it becomes an envelope.
+
+    ``channel`` names its topic and schema (``trade``, ``open-order``); ``key`` is the
+    record key and the envelope's ``symbol`` (a market, a currency, a pair);
+    ``event_time_ms`` is the exchange's own time of it (None when the exchange gives
+    none); ``data`` holds decimals as exact strings.
+    """
+
+    channel: str
+    key: str
+    event_time_ms: int | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """One Kafka record to write, whatever writes it (a tracked producer, a transaction)."""
+
+    topic: str
+    #: None is a tombstone (deletes the key in a compacted topic).
+    value: bytes | None
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+    timestamp_ms: int | None = None
+    channel: str = "-"
+    #: Explicit partition (markers sent to every partition); None = by key.
+    partition: int | None = None
+
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 

@@ -36,8 +36,10 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
-from connectors.runtime.kafka import KafkaSettings, OutRecord
+from connectors.runtime.kafka import assign_from_beginning
 from connectors.runtime.metrics import Metrics
+from connectors.runtime.records import OutRecord
+from connectors.runtime.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,9 @@ def read_state(
         raise RetriableError(f"Kafka not reachable: {exc}") from exc
     try:
         deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic)
-        while not parts:
-            if time.monotonic() > deadline:
-                raise RetriableError(f"state topic {topic} has no partitions (yet)")
-            time.sleep(0.1)
-            parts = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
+        tps = assign_from_beginning(consumer, [topic], timeout_s)
+        if not tps:
+            raise RetriableError(f"state topic {topic} has no partitions (yet)")
         state: dict[bytes, bytes | None] = {}
         while True:
             for records in consumer.poll(timeout_ms=200).values():
