@@ -21,6 +21,7 @@ import requests
 from connectors.robicoin import protocol
 from connectors.robicoin.protocol import Endpoint, Verdict
 from connectors.robicoin.signing import auth_fields
+from connectors.runtime.context import RuntimeContext
 from connectors.runtime.errors import (
     AuthError,
     BadMessage,
@@ -237,3 +238,28 @@ def _connect_refused(exc: BaseException) -> bool:
             nxt = current.args[0]
         current = nxt
     return False
+
+
+def connector_client(
+    ctx: RuntimeContext,
+    settings: Any,
+    credentials: Credentials | None,
+    session: requests.Session | None = None,
+    clock: Callable[[], float] = time.time,
+) -> RobicoinClient:
+    """The client of a running connector (poller or sink): ``settings`` is its
+    ``robicoin:`` section (``base_url``, ``request_timeout_s``, ``connect_timeout_s``);
+    every answer is counted in ``connector_requests_total`` by endpoint family."""
+
+    def on_answer(endpoint: Endpoint, outcome: str, elapsed: float) -> None:
+        ctx.metrics.observe_request(ctx.name, endpoint.family, outcome, elapsed)
+
+    return RobicoinClient(
+        settings.base_url,
+        credentials,
+        session=session,
+        timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        clock=clock,
+        on_answer=on_answer,
+    )

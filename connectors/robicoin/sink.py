@@ -32,7 +32,13 @@ import requests
 
 from connectors.robicoin import commands as cmds
 from connectors.robicoin import protocol, signing
-from connectors.robicoin.client import Answer, Credentials, RequestFailed, RobicoinClient
+from connectors.robicoin.client import (
+    Answer,
+    Credentials,
+    RequestFailed,
+    RobicoinClient,
+    connector_client,
+)
 from connectors.robicoin.config import credential_fingerprint
 from connectors.robicoin.protocol import EndpointClass
 from connectors.robicoin.sink_config import OrderSinkConfig
@@ -127,19 +133,8 @@ class RobicoinOrders:
         return GuardSpec(g.topic, self.fingerprint, g.limit)
 
     def attach(self, ctx: RuntimeContext) -> None:
-        s = self.source
-
-        def on_answer(endpoint: protocol.Endpoint, outcome: str, elapsed: float) -> None:
-            ctx.metrics.observe_request(ctx.name, endpoint.family, outcome, elapsed)
-
-        self.client = RobicoinClient(
-            s.base_url,
-            self.credentials,
-            session=self._session,
-            timeout_s=s.request_timeout_s,
-            connect_timeout_s=s.connect_timeout_s,
-            clock=self._clock,
-            on_answer=on_answer,
+        self.client = connector_client(
+            ctx, self.source, self.credentials, self._session, self._clock
         )
 
     def close(self) -> None:

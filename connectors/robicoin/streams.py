@@ -29,7 +29,13 @@ from zoneinfo import ZoneInfo
 import requests
 
 from connectors.robicoin import protocol, signing
-from connectors.robicoin.client import Answer, Credentials, NotFoundError, RobicoinClient
+from connectors.robicoin.client import (
+    Answer,
+    Credentials,
+    NotFoundError,
+    RobicoinClient,
+    connector_client,
+)
 from connectors.robicoin.config import RobicoinConfig, RobicoinSettings, credential_fingerprint
 from connectors.robicoin.protocol import EXCHANGE, Cursor, Endpoint, EndpointClass
 from connectors.runtime import wire
@@ -257,19 +263,8 @@ class RobicoinPolling:
         return GuardSpec(g.topic, self.fingerprint, g.limit)
 
     def attach(self, ctx: RuntimeContext) -> None:
-        s = self.source
-
-        def on_answer(endpoint: Endpoint, outcome: str, elapsed: float) -> None:
-            ctx.metrics.observe_request(ctx.name, endpoint.family, outcome, elapsed)
-
-        self.client = RobicoinClient(
-            s.base_url,
-            self.credentials,
-            session=self._session,
-            timeout_s=s.request_timeout_s,
-            connect_timeout_s=s.connect_timeout_s,
-            clock=self._clock,
-            on_answer=on_answer,
+        self.client = connector_client(
+            ctx, self.source, self.credentials, self._session, self._clock
         )
 
     def call(self, request: Request) -> Answer:

@@ -44,7 +44,7 @@ from connectors.runtime.errors import DEAD_LETTER_REASONS
 from connectors.runtime.plugins import ConnectorPlugin
 from connectors.testing.brokers import BrokerUnavailable, own_broker
 from connectors.testing.running import ConnectorThread, metric_value, ready
-from connectors.testing.topics import read_topic
+from connectors.testing.topics import read_topic, strings_in
 from connectors.testing.waits import T, unique, wait_until
 
 #: Unusable frames every plugin must dead-letter without stopping.
@@ -162,7 +162,7 @@ class StreamingContract:
                     assert rec.timestamp == value["receive_time_ms"]
                     if value["kind"] == "event":
                         got[(channel, value["symbol"], canonical(value["data"]))] += 1
-                        texts.update(_strings(value["data"]))
+                        texts.update(strings_in(value["data"]))
             conn.stop()
         assert got == expected, "Kafka differs from what the exchange sent"
         for frame in frames:
@@ -317,17 +317,6 @@ def _events_at_least(count: int) -> Callable[[list[Any]], bool]:
         return sum(b'"kind":"event"' in r.value for r in records) >= count
 
     return enough
-
-
-def _strings(data: Any) -> Iterator[str]:
-    if isinstance(data, str):
-        yield data
-    elif isinstance(data, dict):
-        for v in data.values():
-            yield from _strings(v)
-    elif isinstance(data, list):
-        for v in data:
-            yield from _strings(v)
 
 
 __all__ = ["HOSTILE_FRAMES", "StreamingContract", "StreamingHarness", "canonical"]

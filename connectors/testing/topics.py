@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kafka import KafkaConsumer
@@ -66,3 +66,15 @@ def read_topic(
 
 def values(recs: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in recs]
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string in a decoded record value (to find an exchange's decimal text)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from strings_in(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings_in(v)

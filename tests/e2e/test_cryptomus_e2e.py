@@ -18,6 +18,7 @@ from connectors.cryptomus.schemas import load_schema
 from connectors.simulators.cryptomus import CryptomusSimulator
 from connectors.simulators.harness import Harness
 from connectors.testing import T, metric_value, read_topic, wait_until
+from connectors.testing.topics import strings_in
 from tests.cryptomus_helpers import make_config, run
 
 pytestmark = pytest.mark.e2e
@@ -34,17 +35,6 @@ def literal_decimals(raw: str) -> list[str]:
     quoted = re.findall(r'"(-?\d+\.\d+|0)"', raw)
     bare = re.findall(r"(?<=[:\[,])\s*(-?\d+\.\d+)(?=\s*[,\]}])", raw)
     return quoted + [b.strip() for b in bare]
-
-
-def strings_in(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from strings_in(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from strings_in(v)
 
 
 def test_every_channel_lands_in_kafka_exactly(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -14,22 +13,13 @@ from hypothesis import strategies as st
 from connectors.cryptomus import protocol
 from connectors.cryptomus.signing import sign
 from connectors.runtime.errors import BadMessage, ConfigError
+from connectors.testing.topics import strings_in
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "cryptomus"
 
 
 def fixture(name: str) -> str:
     return (FIXTURES / name).read_text()
-
-
-def strings_in(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in strings_in(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in strings_in(v)]
-    return []
 
 
 def decimals_in_text(raw: str) -> set[str]:
