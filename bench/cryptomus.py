@@ -1,10 +1,10 @@
-"""Cryptomus WebSocket source: limits, latency at fixed rates, saturation, naive peer.
+"""Cryptomus WebSocket source: limits, latency at fixed rates, saturation, two peers.
 
 One simulator process serves every run (updates off: it sends only what a run asks
 for, with :func:`bench.loadgen.send_burst`). Each run gets a fresh connector
 process and fresh topics, so its CPU and peak RSS are its own. A run:
 
-1. start the connector (or the naive peer), wait until it subscribed the four public
+1. start the connector (or a peer), wait until it subscribed the four public
    channels and every record written so far (resync markers, depth snapshots) is
    acknowledged;
 2. the simulator sends N frames at the offered rate, noting each frame's send time;
@@ -12,6 +12,9 @@ process and fresh topics, so its CPU and peak RSS are its own. A run:
    time and peak RSS of the connector process, stop it (SIGTERM: it drains);
 4. read the topics back with an independent consumer: every record the connector
    sent must be in Kafka, and it must have sent one event per trade / update.
+
+The naive peer runs the fixed rates only; the tuned peer runs as the source does (fixed
+rates, unthrottled, the maximum sustained rate) and lands in ``out["tuned"]``.
 
 Added latency of a frame = broker acknowledgement of its last record minus the moment
 the simulator handed the frame to its socket (both ``CLOCK_MONOTONIC``).
@@ -327,6 +330,29 @@ def _offered(row: dict[str, Any]) -> float:
     return float(row["offered_frames_per_s"] or 0.0)
 
 
+def _importable(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def tuned_runs(bench: CryptomusBench, scale: Scale, log: Log) -> dict[str, Any]:
+    """The tuned peer as the source is measured: fixed rates, unthrottled, the
+    maximum sustained rate (no producer limit: it is the source's, per backend)."""
+    target = workers.tuned_peer
+    log("tuned peer (websockets + msgspec + aiokafka, sends not awaited): fixed rates")
+    rates = [
+        bench.run(f"tuned @{rate:,}/s", rate, int(rate * scale.seconds_per_rate), target=target)
+        for rate in scale.rates
+    ]
+    log("tuned peer: saturation")
+    sat = bench.run("tuned unthrottled", None, scale.burst_frames, target=target)
+    sat_fps = sat["delivered_records_per_s"] / max(sat["records_per_frame"], 1e-9)
+    log("tuned peer: maximum sustained rate")
+    best = bench.max_sustained("tuned", rates, sat_fps, target=target)
+    return {"rates": rates, "saturation": sat, "max_sustained": best}
+
+
 def run_all(
     bootstrap: str, scale: Scale, log: Log, backends: list[str], profile: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -380,6 +406,11 @@ def run_all(
                     bench.run(f"naive @{rate:,}/s", rate, frames, target=workers.naive_peer)
                 )
         out["naive"] = naive
+        out["tuned"] = None
+        if _importable("aiokafka", "msgspec"):
+            out["tuned"] = tuned_runs(bench, scale, log)
+        else:
+            log("tuned peer: skipped (aiokafka or msgspec is not installed)")
     return out, (
         {"how": "py-spy record --nonblocking --threads, unthrottled run", "backends": profiles}
         if profiles

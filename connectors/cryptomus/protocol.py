@@ -46,7 +46,7 @@ loads = wire.loads
 def _id(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, str):  # JsonNumber or a string id such as "3"
+    if isinstance(value, str) or type(value) is int:  # a number, or a string id ("3")
         return str(value)
     raise BadMessage("invalid_frame", f"id has type {type(value).__name__}")
 
@@ -70,7 +70,7 @@ def parse_frame(text: str | bytes) -> Reply | Update:
     Raises :class:`BadMessage` with reason ``invalid_json``, ``invalid_frame``,
     ``unknown_method`` or ``invalid_payload``.
     """
-    obj = loads(text)
+    obj = wire.loads_fast(text)
     if not isinstance(obj, dict):
         raise BadMessage("invalid_frame", f"frame is a JSON {type(obj).__name__}, not an object")
     method = obj.get("method")

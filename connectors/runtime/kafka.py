@@ -15,11 +15,10 @@ bookkeeping they touch is guarded by a lock.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -30,7 +29,7 @@ from kafka.errors import KafkaConfigurationError, KafkaError, TopicAlreadyExists
 
 from connectors.runtime.errors import ConfigError, FatalError, RetriableError
 from connectors.runtime.metrics import Metrics
-from connectors.runtime.producer import Producer, ProducerFactory
+from connectors.runtime.producer import DeliveryReport, Producer, ProducerFactory
 from connectors.runtime.records import OutRecord
 from connectors.runtime.settings import KafkaSettings, require_confluent_kafka
 
@@ -99,6 +98,32 @@ def ensure_topics(
         admin.close()
 
 
+class StreamProducer(KafkaProducer):  # type: ignore[misc]
+    """kafka-python's producer with :meth:`send_reported` (the :class:`Producer` protocol)."""
+
+    def send_reported(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        timestamp_ms: int | None,
+        partition: int | None,
+        report: DeliveryReport,
+    ) -> None:
+        future = self.send(
+            topic,
+            value=value,
+            key=key,
+            headers=headers,
+            timestamp_ms=timestamp_ms,
+            partition=partition,
+        )
+        future.add_callback(report.ack)
+        future.add_errback(report.fail)
+
+
 def create_producer(settings: KafkaSettings) -> Producer:
     """The stream producer ``kafka.producer_backend`` names."""
     producer: Producer
@@ -106,7 +131,7 @@ def create_producer(settings: KafkaSettings) -> Producer:
         if settings.producer_backend == "confluent-kafka":
             producer = _rdkafka().RdKafkaProducer(settings)
         else:
-            producer = KafkaProducer(**producer_config(settings))
+            producer = StreamProducer(**producer_config(settings))
     except KafkaConfigurationError as exc:
         raise ConfigError(f"kafka.client: {exc}") from None
     except KafkaError as exc:
@@ -114,8 +139,55 @@ def create_producer(settings: KafkaSettings) -> Producer:
     return producer
 
 
+class _Slice:
+    """The records of one channel handed over within one :data:`SLICE_S`: counted
+    together, so a record costs two counter additions and no object of its own."""
+
+    __slots__ = ("acked", "channel", "closed", "delivery", "failed", "sent", "t0")
+
+    def __init__(self, delivery: Delivery, channel: str, t0: float) -> None:
+        self.delivery = delivery
+        self.channel = channel
+        self.t0 = t0
+        self.sent = 0
+        self.acked = 0
+        self.failed = 0
+        #: No more records join it (the sending thread opened the next one).
+        self.closed = False
+
+    def settled(self) -> bool:
+        return self.acked + self.failed >= self.sent
+
+    def ack(self, _metadata: Any) -> None:
+        """A producer's callback: one record of this slice acknowledged."""
+        delivery = self.delivery
+        now = delivery._clock()
+        with delivery._lock:
+            self.acked += 1
+            delivery.acked_records += 1
+            delivery.last_ack = now
+            delivery._produced[self.channel] = delivery._produced.get(self.channel, 0) + 1
+            delivery._latency.observe(now - self.t0)
+
+    def fail(self, exc: BaseException) -> None:
+        """A producer's errback: one record of this slice was not delivered."""
+        self.delivery._on_error(self, exc)
+
+
+#: Width of a :class:`_Slice`: the resolution of the produce latency and of the oldest
+#: unacknowledged record's age.
+SLICE_S = 0.001
+
+
 class Delivery:
-    """A producer whose every send is tracked until the broker acknowledges it."""
+    """A producer whose every send is tracked until the broker acknowledges it.
+
+    Records are counted, not kept: each is counted in the slice of its channel and
+    millisecond, so the number buffered, the age of the oldest unacknowledged record
+    and the metrics cost a few additions per record. :meth:`send` and
+    :meth:`send_parts` are called from one thread (the connector's event loop); the
+    producer's callbacks count under a lock.
+    """
 
     def __init__(
         self,
@@ -133,15 +205,21 @@ class Delivery:
         self._stall_after_s = stall_after_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending: OrderedDict[int, float] = OrderedDict()
-        self._seq = itertools.count()
+        #: Slices in the order they were opened; settled closed ones are dropped.
+        self._slices: deque[_Slice] = deque()
+        self._open: dict[str, _Slice] = {}
         self.failure: BaseException | None = None
+        #: Written by the sending thread only.
+        self.sent_records = 0
+        #: Written under the lock only.
         self.failed_records = 0
         self.acked_records = 0
         self.last_ack: float | None = None
-        self._buffered_gauge = metrics.buffered.labels(connector)
+        self._produced: dict[str, int] = {}
+        self._reported: dict[str, int] = {}
         self._latency = metrics.produce_latency.labels(connector)
-        self._children: dict[tuple[str, str], Any] = {}
+        metrics.buffered.labels(connector).set_function(lambda: self.buffered)
+        metrics.before_collect(self._report)
 
     @classmethod
     def connect(
@@ -169,80 +247,108 @@ class Delivery:
 
     def send(self, record: OutRecord) -> None:
         """Hand one record to the producer; raises :class:`FatalError` after a failure."""
+        self.send_parts(
+            record.topic,
+            record.value,
+            record.key,
+            list(record.headers),
+            record.timestamp_ms,
+            record.channel,
+            record.partition,
+        )
+
+    def send_parts(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+        timestamp_ms: int | None,
+        channel: str,
+        partition: int | None = None,
+    ) -> None:
+        """:meth:`send` without building an :class:`OutRecord` (the hot path).
+        ``headers`` is handed to the producer as it is: share one list per channel."""
         if self.failure is not None:
             raise FatalError(f"Kafka delivery failed earlier: {self.failure!r}")
-        seq = next(self._seq)
-        sent_at = self._clock()
-        with self._lock:
-            self._pending[seq] = sent_at
-            self._buffered_gauge.set(len(self._pending))
+        now = self._clock()
+        slice_ = self._open.get(channel)
+        if slice_ is None or now - slice_.t0 >= SLICE_S:
+            slice_ = self._new_slice(channel, now, slice_)
+        slice_.sent += 1
+        self.sent_records += 1
         try:
-            future = self._producer.send(
-                record.topic,
-                value=record.value,
-                key=record.key,
-                headers=list(record.headers),
-                timestamp_ms=record.timestamp_ms,
-                partition=record.partition,
+            self._producer.send_reported(
+                topic,
+                value=value,
+                key=key,
+                headers=headers,
+                timestamp_ms=timestamp_ms,
+                partition=partition,
+                report=slice_,
             )
         except Exception as exc:
-            self._on_error(seq, record.channel, exc)
-            raise FatalError(
-                f"Kafka producer refused a record for {record.topic}: {exc!r}"
-            ) from exc
-        future.add_callback(self._on_ack, seq, record.channel)
-        future.add_errback(self._on_error, seq, record.channel)
+            self._on_error(slice_, exc)
+            raise FatalError(f"Kafka producer refused a record for {topic}: {exc!r}") from exc
 
-    def _counter(self, channel: str, outcome: str) -> Any:
-        """Label children cached: ``labels()`` costs a lock and a dict walk per call."""
-        child = self._children.get((channel, outcome))
-        if child is None:
-            child = self._metrics.records.labels(self._connector, channel, outcome)
-            self._children[(channel, outcome)] = child
-        return child
-
-    def _on_ack(self, seq: int, channel: str, _metadata: Any) -> None:
-        now = self._clock()
+    def _new_slice(self, channel: str, now: float, previous: _Slice | None) -> _Slice:
+        slice_ = _Slice(self, channel, now)
         with self._lock:
-            sent_at = self._pending.pop(seq, now)
-            self._buffered_gauge.set(len(self._pending))
-            self.acked_records += 1
-            self.last_ack = now
-        self._latency.observe(now - sent_at)
-        self._counter(channel, "produced").inc()
+            if previous is not None:
+                previous.closed = True
+            self._slices.append(slice_)
+            self._drop_settled()
+        self._open[channel] = slice_
+        return slice_
 
-    def _on_error(self, seq: int, channel: str, exc: BaseException) -> None:
+    def _drop_settled(self) -> None:
+        """Forget settled closed slices at the front (under the lock)."""
+        slices = self._slices
+        while slices and slices[0].closed and slices[0].settled():
+            slices.popleft()
+
+    def _on_error(self, slice_: _Slice, exc: BaseException) -> None:
         with self._lock:
-            self._pending.pop(seq, None)
-            self._buffered_gauge.set(len(self._pending))
+            slice_.failed += 1
             self.failed_records += 1
             if self.failure is None:
                 self.failure = exc
-        self._counter(channel, "failed").inc()
-        log.error("Kafka did not accept a %s record: %r", channel, exc)
+        self._metrics.records.labels(self._connector, slice_.channel, "failed").inc()
+        log.error("Kafka did not accept a %s record: %r", slice_.channel, exc)
+
+    def _report(self) -> None:
+        """Move the acknowledged counts into ``connector_records_total`` (before a scrape)."""
+        with self._lock:
+            produced = dict(self._produced)
+        for channel, count in produced.items():
+            delta = count - self._reported.get(channel, 0)
+            if delta > 0:
+                self._reported[channel] = count
+                self._metrics.records.labels(self._connector, channel, "produced").inc(delta)
 
     # -- back-pressure -----------------------------------------------------------------
 
     @property
     def buffered(self) -> int:
-        return len(self._pending)
+        """Records handed over and not acknowledged or failed yet."""
+        return self.sent_records - self.acked_records - self.failed_records
 
     def oldest_unacked_age(self) -> float:
+        """Seconds since the oldest record still waiting for the broker was sent (to the
+        millisecond); 0 when none is waiting."""
         with self._lock:
-            if not self._pending:
-                return 0.0
-            first = next(iter(self._pending.values()))
-        return self._clock() - first
+            self._drop_settled()
+            oldest = next((s.t0 for s in self._slices if not s.settled()), None)
+        return 0.0 if oldest is None else self._clock() - oldest
 
     def must_pause(self) -> bool:
         """True when the source should stop reading: buffer full or Kafka stalled."""
         return (
-            len(self._pending) >= self._max_buffered
-            or self.oldest_unacked_age() > self._stall_after_s
+            self.buffered >= self._max_buffered or self.oldest_unacked_age() > self._stall_after_s
         )
 
     def drained(self) -> bool:
-        return not self._pending
+        return self.buffered == 0
 
     def healthy(self) -> bool:
         return self.failure is None and not self.must_pause()

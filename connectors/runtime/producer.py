@@ -28,6 +28,15 @@ class SendFuture(Protocol):
     def add_errback(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
 
+class DeliveryReport(Protocol):
+    """Told the outcome of a record sent with :meth:`Producer.send_reported`: exactly
+    one of the two, once, from the producer's delivery thread."""
+
+    def ack(self, metadata: Any) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
 class Producer(Protocol):
     """An idempotent, ``acks=all`` producer (kafka-python's spelling; the record's parts
     are passed by keyword: the two clients order them differently)."""
@@ -42,6 +51,21 @@ class Producer(Protocol):
         timestamp_ms: int | None = None,
         partition: int | None = None,
     ) -> SendFuture: ...
+
+    def send_reported(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        timestamp_ms: int | None,
+        partition: int | None,
+        report: DeliveryReport,
+    ) -> None:
+        """:meth:`send` for the hot path: the outcome goes to ``report`` (one object may
+        serve many records) instead of a future with callbacks of its own."""
+        ...
 
     def partitions_for(self, topic: str) -> Any: ...
 

@@ -21,11 +21,11 @@ This module imports ``confluent_kafka``: import it only when that backend is cho
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import confluent_kafka
@@ -34,6 +34,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from connectors.runtime.config import Secret
 from connectors.runtime.errors import ConfigError
 from connectors.runtime.logs import MASK, register_secret
+from connectors.runtime.producer import DeliveryReport
 from connectors.runtime.settings import (
     RDKAFKA_CLIENT_KEYS,
     SECRET_HINTS,
@@ -93,21 +94,14 @@ class RdKafkaError(KafkaError):  # type: ignore[misc]
         self.retriable = retriable
 
 
-@dataclass(frozen=True, slots=True)
-class Acked:
-    """What the broker acknowledged (kafka-python's ``RecordMetadata``, in short)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-
-
 class DeliveryFuture:
     """kafka-python's future, as far as ``Delivery`` uses it.
 
-    The delivery report may arrive on the poll thread before the caller attached its
-    callbacks; one attached to a settled future runs at once, as in kafka-python.
+    Callbacks get the acknowledged ``confluent_kafka.Message`` (its ``topic()``,
+    ``partition()``, ``offset()``); errbacks get an :class:`RdKafkaError`. The delivery
+    report may arrive on the poll thread before the caller attached its callbacks; one
+    attached to a settled future runs at once, as in kafka-python. A failing callback
+    is logged, as kafka-python does: it must not kill the poller.
     """
 
     __slots__ = ("_callbacks", "_errbacks", "_exception", "_lock", "_owner", "_value")
@@ -115,61 +109,51 @@ class DeliveryFuture:
     def __init__(self, owner: RdKafkaProducer) -> None:
         self._owner = owner
         self._lock = threading.Lock()
-        self._callbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = []
-        self._errbacks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self._value: Acked | None = None
+        self._callbacks: list[Callable[[Any], Any]] | None = []
+        self._errbacks: list[Callable[[Any], Any]] = []
+        self._value: Any = None
         self._exception: BaseException | None = None
 
     def add_callback(self, fn: Callable[..., Any], *args: Any) -> DeliveryFuture:
+        if args:
+            fn = functools.partial(fn, *args)
         with self._lock:
             if self._callbacks is not None:
-                self._callbacks.append((fn, args))
+                self._callbacks.append(fn)
                 return self
         if self._exception is None:
-            _call(fn, *args, self._value)
+            _call(fn, self._value)
         return self
 
     def add_errback(self, fn: Callable[..., Any], *args: Any) -> DeliveryFuture:
+        if args:
+            fn = functools.partial(fn, *args)
         with self._lock:
             if self._callbacks is not None:
-                self._errbacks.append((fn, args))
+                self._errbacks.append(fn)
                 return self
         if self._exception is not None:
-            _call(fn, *args, self._exception)
+            _call(fn, self._exception)
         return self
 
     def report(self, err: confluent_kafka.KafkaError | None, msg: confluent_kafka.Message) -> None:
         """librdkafka's delivery report (``on_delivery``), on the polling thread."""
-        if err is None:
-            self._settle(
-                Acked(
-                    topic=msg.topic() or "",
-                    partition=msg.partition() or 0,
-                    offset=msg.offset() or 0,
-                    timestamp_ms=msg.timestamp()[1],
-                ),
-                None,
-            )
-        else:
-            self._settle(None, self._owner.error_from(err))
-
-    def _settle(self, value: Acked | None, exception: BaseException | None) -> None:
+        exception = None if err is None else self._owner.error_from(err)
         with self._lock:
             if self._callbacks is None:
                 return
             callbacks = self._callbacks if exception is None else self._errbacks
-            self._value, self._exception = value, exception
+            self._value, self._exception = msg, exception
             self._callbacks = None
             self._errbacks = []
-        result: Any = value if exception is None else exception
-        for fn, args in callbacks:
-            _call(fn, *args, result)
+        result: Any = msg if exception is None else exception
+        for fn in callbacks:
+            _call(fn, result)
 
 
-def _call(fn: Callable[..., Any], *args: Any) -> None:
-    # As kafka-python does: a failing callback is logged, it must not kill the poller.
+def _call(fn: Callable[[Any], Any], result: Any) -> None:
     try:
-        fn(*args)
+        fn(result)
     except Exception:
         log.exception("error in a Kafka delivery callback")
 
@@ -258,26 +242,63 @@ class RdKafkaProducer:
         partition: int | None = None,
     ) -> DeliveryFuture:
         """Queue one record; a full local queue is waited on for ``max_block_s`` at most."""
+        future = DeliveryFuture(self)
+        self._produce(topic, value, key, headers, timestamp_ms, partition, future.report)
+        return future
+
+    def send_reported(
+        self,
+        topic: str,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        timestamp_ms: int | None,
+        partition: int | None,
+        report: DeliveryReport,
+    ) -> None:
+        """:meth:`send` without a future: librdkafka's report goes straight to ``report``."""
+        error_from = self.error_from
+
+        def delivered(err: confluent_kafka.KafkaError | None, msg: confluent_kafka.Message) -> None:
+            try:
+                if err is None:
+                    report.ack(msg)
+                else:
+                    report.fail(error_from(err))
+            except Exception:  # as kafka-python: a failing callback must not kill the poller
+                log.exception("error in a Kafka delivery callback")
+
+        self._produce(topic, value, key, headers, timestamp_ms, partition, delivered)
+
+    def _produce(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        timestamp_ms: int | None,
+        partition: int | None,
+        on_delivery: Callable[[Any, Any], None],
+    ) -> None:
         if self._closed:
             raise RdKafkaError("the producer is closed", code="_STATE")
         if self._fatal is not None:
             raise self._fatal
-        future = DeliveryFuture(self)
-        kwargs: dict[str, Any] = {
-            "value": value,
-            "key": key,
-            "on_delivery": future.report,
-            "timestamp": timestamp_ms or 0,  # 0: librdkafka stamps the current time
-        }
-        if headers:
-            kwargs["headers"] = headers
-        if partition is not None:
-            kwargs["partition"] = partition
+        produce = self._producer.produce
         deadline: float | None = None
         while True:
             try:
-                self._producer.produce(topic, **kwargs)
-                return future
+                produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    partition=-1 if partition is None else partition,  # -1: by key
+                    on_delivery=on_delivery,
+                    timestamp=timestamp_ms or 0,  # 0: librdkafka stamps the current time
+                    headers=headers or None,  # type: ignore[arg-type]
+                )
+                return
             except BufferError:
                 now = time.monotonic()
                 if deadline is None:

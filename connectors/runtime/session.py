@@ -50,9 +50,12 @@ class Reply:
         return self.error is None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Update:
-    """Pushed data: one frame's records (``events``), all of one channel."""
+    """Pushed data: one frame's records (``events``), all of one channel.
+
+    Not frozen: one is made per frame, and a frozen dataclass costs four times as much
+    to build. Nothing changes one after the parser made it."""
 
     channel: str
     events: Sequence[Event]

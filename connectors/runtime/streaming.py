@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -140,6 +141,7 @@ def encode_marker(
 
 
 def _headers(exchange: str, channel: str, kind: str) -> list[tuple[str, bytes]]:
+    # One list per channel and kind, handed to the producer as it is (never changed).
     return records.headers(exchange, channel, kind, wire.schema_id(exchange, channel))
 
 
@@ -162,6 +164,7 @@ class StreamingSource:
         self._topic = dict(exchange.topics)
         self._headers = {ch: _headers(name, ch, "event") for ch in self._topic}
         self._marker_headers = {ch: _headers(name, ch, "resync") for ch in self._topic}
+        self._envelopes = records.Envelopes(name)
         self.epoch = 0
         self.last_message: float | None = None
         self.plan = Plan({}, {})
@@ -457,8 +460,12 @@ class StreamingSource:
     async def _read(self, ws: Any, session: Session) -> str:
         delivery = self.ctx.delivery
         limit = self.ctx.kafka.max_buffered_records
+        # Frames as bytes: the decoder reads UTF-8 itself (and refuses what is not),
+        # so websockets does not decode each text frame into a str first.
+        recv = functools.partial(ws.recv, decode=False)
         try:
-            async for raw in ws:
+            while True:
+                raw = await recv()
                 self.last_message = now = self._monotonic()
                 now_ms = int(self._clock() * 1000)
                 try:
@@ -476,26 +483,30 @@ class StreamingSource:
                 if delivery.buffered >= limit:
                     await ws.close(1000, "kafka unavailable")
                     return "kafka_unavailable"
+        except websockets.exceptions.ConnectionClosedOK:
+            return "server_closed"
         except websockets.exceptions.ConnectionClosedError:
             return "connection_lost"
-        return "server_closed"
 
     def _produce(self, events: Sequence[Event], now_ms: int) -> None:
+        """Encode and hand over one frame's events (all of one channel)."""
         ctx = self.ctx
-        send = ctx.delivery.send
-        name = self.exchange.exchange
+        send = ctx.delivery.send_parts
+        encode = self._envelopes.encode
         epoch = self.epoch
         channel = events[0].channel
         topic = self._topic[channel]
         hdrs = self._headers[channel]
         lag = self._lag.get(channel)
-        if lag is None:  # labels() takes a lock and walks a dict: once per channel
+        if lag is None:
             lag = self._lag[channel] = ctx.metrics.event_lag.labels(ctx.name, channel)
         for event in events:
-            value = encode_event(name, event, now_ms, epoch)
-            if event.event_time_ms is not None:
-                lag.observe(max(0.0, (now_ms - event.event_time_ms) / 1000))
-            send(OutRecord(topic, value, event.key.encode(), hdrs, now_ms, channel))
+            key = event.key
+            event_time = event.event_time_ms
+            value = encode(channel, "event", key, event_time, now_ms, epoch, event.data)
+            if event_time is not None:
+                lag.observe(max(0.0, (now_ms - event_time) / 1000))
+            send(topic, value, key.encode(), hdrs, now_ms, channel)
 
     def _dead_letter(self, raw: str | bytes, exc: BadMessage, now_ms: int) -> None:
         ctx = self.ctx
