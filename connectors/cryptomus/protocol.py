@@ -117,6 +117,9 @@ integer = _FIELDS.integer
 boolean = _FIELDS.boolean
 
 
+_is_number = wire.JSON_NUMBER.fullmatch
+
+
 def _levels(value: Any, field: str) -> list[list[str]]:
     if not isinstance(value, list):
         raise BadMessage("invalid_payload", f"{field} is not a list")
@@ -124,7 +127,18 @@ def _levels(value: Any, field: str) -> list[list[str]]:
     for i, level in enumerate(value):
         if not isinstance(level, list) or len(level) != 2:
             raise BadMessage("invalid_payload", f"{field}[{i}] is not a [price, quantity] pair")
-        out.append([dec(level[0], f"{field}[{i}].price"), dec(level[1], f"{field}[{i}].quantity")])
+        price, quantity = level
+        # The documented form (two decimal strings) in one step; anything else through
+        # the readers, which accept numbers too and name what is wrong.
+        if (
+            type(price) is str
+            and type(quantity) is str
+            and _is_number(price)
+            and _is_number(quantity)
+        ):
+            out.append([price, quantity])
+        else:
+            out.append([dec(price, f"{field}[{i}].price"), dec(quantity, f"{field}[{i}].quantity")])
     return out
 
 
