@@ -217,6 +217,7 @@ class Delivery:
         self.last_ack: float | None = None
         self._produced: dict[str, int] = {}
         self._reported: dict[str, int] = {}
+        self._report_lock = threading.Lock()
         self._latency = metrics.produce_latency.labels(connector)
         metrics.buffered.labels(connector).set_function(lambda: self.buffered)
         metrics.before_collect(self._report)
@@ -292,10 +293,16 @@ class Delivery:
             raise FatalError(f"Kafka producer refused a record for {topic}: {exc!r}") from exc
 
     def _new_slice(self, channel: str, now: float, previous: _Slice | None) -> _Slice:
+        """Open the next slice of ``channel``. Every open slice older than a slice width
+        is closed here too, by the one thread that adds records to slices: a channel
+        that went quiet must not hold the settled slices behind it in memory."""
         slice_ = _Slice(self, channel, now)
         with self._lock:
             if previous is not None:
                 previous.closed = True
+            for other in self._open.values():
+                if now - other.t0 >= SLICE_S:
+                    other.closed = True
             self._slices.append(slice_)
             self._drop_settled()
         self._open[channel] = slice_
@@ -317,14 +324,16 @@ class Delivery:
         log.error("Kafka did not accept a %s record: %r", slice_.channel, exc)
 
     def _report(self) -> None:
-        """Move the acknowledged counts into ``connector_records_total`` (before a scrape)."""
-        with self._lock:
-            produced = dict(self._produced)
-        for channel, count in produced.items():
-            delta = count - self._reported.get(channel, 0)
-            if delta > 0:
-                self._reported[channel] = count
-                self._metrics.records.labels(self._connector, channel, "produced").inc(delta)
+        """Move the acknowledged counts into ``connector_records_total`` (before a scrape;
+        two scrapes at once each move only what the other did not)."""
+        with self._report_lock:
+            with self._lock:
+                produced = dict(self._produced)
+            for channel, count in produced.items():
+                delta = count - self._reported.get(channel, 0)
+                if delta > 0:
+                    self._reported[channel] = count
+                    self._metrics.records.labels(self._connector, channel, "produced").inc(delta)
 
     # -- back-pressure -----------------------------------------------------------------
 

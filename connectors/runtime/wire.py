@@ -136,19 +136,49 @@ def loads_fast(text: str | bytes) -> Any:
     Float literals are :class:`JsonNumber`; integers are ``int`` (``str()`` gives their
     literal back: JSON integers have no leading zeros or plus sign), which every
     :class:`Fields` reader takes as a JSON number. Whatever msgspec refuses (invalid
-    JSON, integers beyond 64 bits, lone surrogate escapes) and text holding an integer
-    ``-0`` go through :func:`loads`, so the result, and every error, is what
-    :func:`loads` gives.
+    JSON, integers beyond its range) and text holding an integer ``-0`` go through
+    :func:`loads`, so the values and the errors are those of :func:`loads`, with one
+    difference: text that cannot be written back as UTF-8 is refused
+    (``invalid_json``): bytes that are not UTF-8 (an encoded surrogate included) and a
+    string holding a lone surrogate, escaped or not. Nothing read here could go into
+    a Kafka record. Bytes are read as UTF-8 (what a WebSocket text frame is): a
+    byte-order mark is refused, as :func:`loads` refuses it in text.
     """
     if isinstance(text, bytes):
-        if b"-0" in text and _NEGATIVE_ZERO_BYTES.search(text):
-            return loads(text)
-    elif "-0" in text and _NEGATIVE_ZERO.search(text):
-        return loads(text)
-    try:
-        return _FAST.decode(text)
-    except (msgspec.MsgspecError, RecursionError):
-        return loads(text)
+        if b"-0" not in text or not _NEGATIVE_ZERO_BYTES.search(text):
+            try:
+                return _FAST.decode(text)
+            except (msgspec.MsgspecError, RecursionError):
+                pass
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadMessage(
+                "invalid_json", f"not UTF-8: {exc.reason} at byte {exc.start}"
+            ) from None
+    elif "-0" not in text or not _NEGATIVE_ZERO.search(text):
+        try:
+            return _FAST.decode(text)
+        except (msgspec.MsgspecError, RecursionError, UnicodeEncodeError):
+            pass
+    value = loads(text)
+    _check_texts(value)
+    return value
+
+
+def _check_texts(value: Any) -> None:
+    """Refuse a string (or key) holding a lone surrogate anywhere in ``value``."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key)
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _too_deep(strict: bool) -> str:
@@ -218,8 +248,18 @@ def is_plain_decimal(value: Any) -> TypeGuard[str]:
 def short(value: Any) -> str:
     """An untrusted value for an error detail: text as it is, anything else as its
     ``repr`` (bounded work), cut to 80 characters."""
-    text = value if isinstance(value, str) else _repr.repr(value)
+    text = value if isinstance(value, str) else _int_text(value) or _repr.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int_text(value: Any) -> str | None:
+    """An integer read by :func:`loads_fast` shown as the literal it was written as."""
+    if type(value) is not int:
+        return None
+    try:
+        return str(value)
+    except ValueError:  # more digits than Python converts
+        return None
 
 
 def schema_id(exchange: str, channel: str, version: str = SCHEMA_VERSION) -> str:
