@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import requests
 
@@ -188,6 +188,18 @@ class RobicoinClient:
             return Answer(None, text, elapsed, BadMessage("too_large", detail))
         verdict = protocol.classify(endpoint, status, text)
         self._report(endpoint, verdict.value, started)
+        if verdict is not Verdict.OK:
+            self._refuse(endpoint, verdict, status, text)
+        try:
+            payload = protocol.decode(text)
+        except BadMessage:
+            bad = BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON")
+            return Answer(None, text, elapsed, bad)
+        return Answer(payload, text, elapsed)
+
+    @staticmethod
+    def _refuse(endpoint: Endpoint, verdict: Verdict, status: int, text: str) -> NoReturn:
+        """Raise what an answer that is not OK means (its message read only here)."""
         message = redact(protocol.error_message(text))
         if verdict is Verdict.RATE_LIMITED:
             raise RequestFailed(
@@ -199,14 +211,7 @@ class RobicoinClient:
             raise AuthError(f"{endpoint.name}: HTTP {status} {message}")
         if verdict is Verdict.NOT_FOUND:
             raise NotFoundError(status, message)
-        if verdict is Verdict.REJECTED:
-            raise RejectedError(status, message)
-        try:
-            payload = protocol.decode(text)
-        except BadMessage:
-            bad = BadMessage("invalid_json", f"{endpoint.name}: answer is not JSON")
-            return Answer(None, text, elapsed, bad)
-        return Answer(payload, text, elapsed)
+        raise RejectedError(status, message)
 
     def _fetch(self, method: str, url: str, body: Mapping[str, str] | None) -> Fetched:
         return fetch(

@@ -30,7 +30,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from connectors.runtime.authguard import (
@@ -44,7 +44,7 @@ from connectors.runtime.authguard import (
 from connectors.runtime.context import RuntimeContext
 from connectors.runtime.errors import AuthError, RejectedError, RetriableError
 from connectors.runtime.metrics import Metrics
-from connectors.runtime.ratelimit import RateLimiter
+from connectors.runtime.ratelimit import RateLimiter, Turn
 from connectors.runtime.state import read_state
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,15 @@ def open_guard(
     return AuthGuard(spec, writer, read(), read, ctx.transactions.commit, now_ms)
 
 
+def _answered(call: Callable[[], T], turn: Turn) -> T:
+    """``call()`` in its worker thread; its rate-limit window starts as soon as it
+    returns or raises (the answer is in: no need to wait for the event loop)."""
+    try:
+        return call()
+    finally:
+        turn.answered()
+
+
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
     """How one call of :meth:`GuardedCalls.call` ended.
@@ -80,12 +89,14 @@ class Outcome(Generic[T]):
     ``value``: the answer. ``error``: what the exchange call raised, already recorded
     by the guard (a transient failure or a refusal of this request). ``refused``:
     nothing was sent (the guard refuses), or the credentials were refused (recorded,
-    reported; no more signed calls until an operator reset).
+    reported; no more signed calls until an operator reset). ``sent_at``: when the rate
+    limiter let the request go (event-loop time; None when nothing was sent).
     """
 
     value: T | None = None
     error: RetriableError | RejectedError | None = None
     refused: bool = False
+    sent_at: float | None = field(default=None, compare=False)
 
 
 class GuardedCalls:
@@ -140,12 +151,15 @@ class GuardedCalls:
         (RetriableError: its transaction failed) and, for an unsigned call, AuthError
         (a public request refused: a configuration matter)."""
         guard = self.guard
+        loop = asyncio.get_running_loop()
         if not signed or guard is None:
-            async with limiter.slot():
+            async with limiter.slot() as turn:
+                sent_at = loop.time()
                 try:
-                    return Outcome(await asyncio.to_thread(call))
+                    answer = await asyncio.to_thread(_answered, call, turn)
                 except (RetriableError, RejectedError) as exc:
-                    return Outcome(error=exc)
+                    return Outcome(error=exc, sent_at=sent_at)
+                return Outcome(answer, sent_at=sent_at)
         async with self._signed:
             if guard.blocked:
                 return Outcome(refused=True)
@@ -155,17 +169,18 @@ class GuardedCalls:
                 return Outcome(refused=True)
             value: T | None = None
             error: Exception | None = None
-            async with limiter.slot():
+            async with limiter.slot() as turn:
+                sent_at = loop.time()
                 try:
-                    value = await asyncio.to_thread(call)
+                    value = await asyncio.to_thread(_answered, call, turn)
                 except ANSWER_ERRORS as exc:
                     error = exc
             await asyncio.to_thread(self.record, guard, error)
             if isinstance(error, AuthError):
-                return Outcome(refused=True)
+                return Outcome(refused=True, sent_at=sent_at)
             if isinstance(error, RetriableError | RejectedError):
-                return Outcome(error=error)
-            return Outcome(value)
+                return Outcome(error=error, sent_at=sent_at)
+            return Outcome(value, sent_at=sent_at)
 
     # -- blocking ----------------------------------------------------------------------
 

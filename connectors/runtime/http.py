@@ -22,13 +22,15 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Collection, Mapping
+import weakref
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests.utils import get_encoding_from_headers
+from requests.auth import AuthBase
+from requests.utils import get_encoding_from_headers, get_netrc_auth
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -227,6 +229,58 @@ def install(session: requests.Session) -> requests.Session:
     return session
 
 
+# -- the environment, read once per URL -----------------------------------------------------
+
+
+class _NoNetrcEntry(AuthBase):
+    """No credentials for this URL in ``~/.netrc`` (already looked up): leaves the
+    request as it is, and keeps ``requests`` from reading the file again."""
+
+    def __call__(self, r: Any) -> Any:
+        return r
+
+
+@dataclass(frozen=True)
+class _Environment:
+    """What ``Session.request`` reads from the process environment on every call for a
+    URL (proxies and their exclusions, the CA bundle, ``~/.netrc`` credentials)."""
+
+    proxies: MutableMapping[str, str]
+    verify: Any
+    cert: Any
+    auth: Any
+
+
+#: Per session, per URL: the environment does not change under a running connector,
+#: and reading it (every variable, twice, and ``~/.netrc``) was a fifth of a call's CPU.
+_ENVIRONMENTS: weakref.WeakKeyDictionary[requests.Session, dict[str, _Environment]] = (
+    weakref.WeakKeyDictionary()
+)
+#: URLs remembered per session (a connector calls a handful; more are read each time).
+_MAX_URLS = 64
+
+
+def _environment(session: requests.Session, url: str) -> _Environment:
+    known = _ENVIRONMENTS.get(session)
+    if known is None:
+        known = _ENVIRONMENTS.setdefault(session, {})
+    env = known.get(url)
+    if env is not None:
+        return env
+    prepared_url = requests.Request("GET", url).prepare().url or url  # as requests does
+    settings = session.merge_environment_settings(prepared_url, {}, True, None, None)
+    auth = None  # the session's own, or none (requests reads no .netrc then)
+    if session.trust_env and session.auth is None:
+        auth = get_netrc_auth(url) or _NO_NETRC_ENTRY
+    env = _Environment(settings["proxies"], settings["verify"], settings["cert"], auth)
+    if len(known) < _MAX_URLS:
+        known[url] = env
+    return env
+
+
+_NO_NETRC_ENTRY = _NoNetrcEntry()
+
+
 # -- the call ------------------------------------------------------------------------------
 
 
@@ -255,13 +309,19 @@ def fetch(
     _WATCHDOG.watch(call)
     try:
         try:
-            response = session.request(
-                method,
-                url,
-                headers=dict(headers or {}),
-                data=data,
+            # What ``session.request`` does, with the environment read once per URL.
+            env = _environment(session, url)
+            prepared = session.prepare_request(
+                requests.Request(method, url, headers=dict(headers or {}), data=data, auth=env.auth)
+            )
+            response = session.send(
+                prepared,
                 timeout=(connect, deadline_s),
                 stream=True,
+                allow_redirects=True,
+                proxies=env.proxies,
+                verify=env.verify,
+                cert=env.cert,
             )
             try:
                 body, truncated = _read(response, call, max_body_bytes, deadline_s)

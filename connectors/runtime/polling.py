@@ -12,16 +12,21 @@ request, the rows of an answer, the rule for what is new). This module does the 
   auth guard, and a watcher that notices an operator reset
   (:mod:`connectors.runtime.guarded`);
 - exactly once: a poll's records and the stream's new state (cursor, snapshot, epoch)
-  are one Kafka transaction; memory follows only committed transactions. State lives
-  in a compacted topic, read at start and again after a failed transaction (a commit
-  that timed out may have succeeded), recreating lost topics when allowed;
+  are committed atomically, in one Kafka transaction; memory follows only committed
+  transactions. Polls hand their records and state to one committer
+  (:class:`GroupCommit`): while a transaction is in flight, the polls that finish
+  meanwhile wait and go together in the next one, and each stream waits for its own
+  commit before it polls again. State lives in a compacted topic, read at start and
+  again after a failed transaction (a commit that timed out may have succeeded; one
+  re-read covers every poll of it), recreating lost topics when allowed;
 - gap markers (``kind: gap``, to every partition) and a new resync epoch when rows may
   have been missed; dead letters; metrics; health (``exchange``: an answer of the
   documented shape arrived lately; ``auth``: the guard lets requests through).
 
 Requests run in worker threads; every commit goes through the runtime's
-transactional producer, which serialises them. Record timestamps: the Kafka timestamp
-of every record is its poll's receive time (as for streaming sources).
+transactional producer, which serialises them (the auth guard's own commits share it).
+Record timestamps: the Kafka timestamp of every record is its poll's receive time (as
+for streaming sources).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +66,16 @@ COMPACTED = {"cleanup.policy": "compact"}
 #: max(FRESH_MIN_S, FRESH_INTERVALS * the longest interval).
 FRESH_MIN_S = 30.0
 FRESH_INTERVALS = 3
+#: The longest a busy committer holds a group open for more polls (:class:`GroupCommit`).
+#: Measured with ``python -m bench --only poller`` (every stream at ``interval_s: 0``,
+#: ~100 polls/s, 2 shared cores): a transaction costs the poller about the same CPU
+#: whatever it holds, and one per poll (~100/s) took ~0.5 core. Committing whatever
+#: queued behind the transaction in flight: 60-80 transactions/s, ~0.5 core. Held
+#: 10 ms: 35/s, 0.37 core; 25 ms: 25/s, 0.35; 35 ms: 19/s, 0.28 — and held a fixed
+#: 45 ms, the five ticker streams could no longer keep their budget (86 % of it), so
+#: a hold also ends before the first of its polls' streams could poll again (then
+#: 35 ms and 50 ms measured the same: ~19/s, ~0.28 core, 95 % of the budget used).
+COMMIT_GATHER_S = 0.035
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,8 @@ class PollSettings:
     backoff_max_s: float = 30.0
     #: While the auth guard refuses, re-read it this often (an operator reset).
     guard_recheck_s: float = 5.0
+    #: The longest a busy committer holds a group of polls open (0: never).
+    commit_gather_s: float = COMMIT_GATHER_S
 
 
 class Answered(Protocol):
@@ -153,6 +170,176 @@ class PollExchange(Protocol):
     def close(self) -> None: ...
 
 
+async def wait_for_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set, at most ``timeout_s``. Not ``asyncio.wait_for``: on
+    Python 3.11 it returns normally when the task is cancelled just as the event is set,
+    and a task that loses its cancellation at a stop never ends."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
+@dataclass(eq=False)
+class Submission:
+    """One poll's output waiting for its transaction: its records, the state entries
+    that cover them, the future its stream task awaits, and ``due``: the event-loop
+    time its stream could poll again anyway (None: no sooner than any other)."""
+
+    key: str
+    records: Sequence[OutRecord]
+    state: Mapping[str, Any]
+    done: asyncio.Future[None]
+    due: float | None = None
+
+
+class GroupCommit:
+    """Group commit: the records and state of several polls in one transaction.
+
+    :meth:`submit` hands one poll's output over and returns once the transaction that
+    holds it committed, or raises what that transaction raised (every poll of a failed
+    transaction sees its failure). :meth:`run` (the committer task) commits whatever is
+    waiting, all of it together, through ``commit`` (one transaction for a group, in the
+    order the polls were submitted); while it is in flight, new submissions wait for the
+    next one.
+
+    Gathering: a transaction costs the same CPU whether it holds one poll or ten, so
+    while busy — the last transaction ended less than ``gather_s`` ago — a group is
+    held open for more polls, at most ``gather_s``, and never past the first ``due`` of
+    its polls less the time a commit takes: a stream waits for its commit only while it
+    could not poll again anyway. When idle (or ``gather_s`` is 0) a group starts at
+    once, so a lone poll waits no longer than without grouping.
+
+    Bounded: a key (a stream) has at most one submission waiting or in flight — its task
+    awaits it before polling again, and :meth:`submit` refuses a second one — so the
+    queue never holds more than one submission per stream.
+
+    :meth:`exclusive` keeps transactions out while held (a state re-read): it waits for
+    the one in flight, and no group starts until it is released.
+    """
+
+    #: The first estimate of a commit's duration (then: a running average).
+    COMMIT_ESTIMATE_S = 0.005
+    #: A shorter hold is not worth a wake-up: commit at once.
+    MIN_HOLD_S = 0.002
+
+    def __init__(
+        self,
+        commit: Callable[[Sequence[Submission]], Awaitable[None]],
+        gather_s: float = 0.0,
+    ) -> None:
+        self._commit = commit
+        self.gather_s = gather_s
+        self._pending: list[Submission] = []
+        #: Keys with a submission waiting or in flight.
+        self._keys: set[str] = set()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        #: Event-loop time the last transaction ended (None: none yet).
+        self._last_end: float | None = None
+        self.commit_s = self.COMMIT_ESTIMATE_S
+        #: Transactions committed, and the polls they held.
+        self.groups = 0
+        self.polls = 0
+
+    @property
+    def waiting(self) -> int:
+        """Submissions waiting for a transaction (not counting the ones in flight)."""
+        return len(self._pending)
+
+    async def submit(
+        self,
+        key: str,
+        records: Sequence[OutRecord],
+        state: Mapping[str, Any],
+        due: float | None = None,
+    ) -> None:
+        if key in self._keys:
+            raise RuntimeError(f"{key}: a second submission before the first was committed")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._keys.add(key)
+        self._pending.append(Submission(key, records, state, done, due))
+        self._wake.set()
+        await done
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._lock:
+            yield
+
+    def hold_until(self, now: float, opened: float) -> float:
+        """Until when the group waiting now stays open (``opened``: when the committer
+        took it up); ``now`` or earlier: commit at once."""
+        if self.gather_s <= 0 or self._last_end is None or opened - self._last_end >= self.gather_s:
+            return now  # idle: no added latency
+        until = opened + self.gather_s
+        for sub in self._pending:
+            if sub.due is not None:
+                # Twice a commit's time: the estimate is an average, not a bound.
+                until = min(until, sub.due - 2 * self.commit_s)
+        return until if until - now >= self.MIN_HOLD_S else now
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        opened = loop.time()
+        while (wait := self.hold_until(loop.time(), opened) - loop.time()) > 0:
+            self._wake.clear()  # a new submission may bring an earlier due
+            await wait_for_event(self._wake, wait)
+
+    async def run(self) -> None:
+        """The committer task, until cancelled; then whatever it will not commit is
+        cancelled too (nobody waits for it for ever)."""
+        try:
+            await self._run()
+        finally:
+            self._settle(self._pending, None, cancel=True)
+            self._pending = []
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await self._gather(loop)
+            async with self._lock:
+                self._wake.clear()
+                group: list[Submission] = []
+                for sub in self._pending:
+                    if sub.done.cancelled():  # its task stopped before anything began
+                        self._keys.discard(sub.key)
+                    else:
+                        group.append(sub)
+                self._pending = []
+                if not group:
+                    continue
+                began = loop.time()
+                try:
+                    await self._commit(group)
+                except Exception as exc:
+                    self._last_end = loop.time()
+                    self._settle(group, exc)
+                    continue
+                except BaseException:
+                    self._settle(group, None, cancel=True)
+                    raise
+                self._last_end = loop.time()
+                self.commit_s += (self._last_end - began - self.commit_s) / 8
+                self.groups += 1
+                self.polls += len(group)
+                self._settle(group, None)
+
+    def _settle(
+        self, group: Sequence[Submission], error: Exception | None, cancel: bool = False
+    ) -> None:
+        for sub in group:
+            self._keys.discard(sub.key)
+            if sub.done.done():
+                continue
+            if cancel:
+                sub.done.cancel()
+            elif error is not None:
+                sub.done.set_exception(error)
+            else:
+                sub.done.set_result(None)
+
+
 class PollingSource:
     """The connector the runtime runs for any :class:`PollExchange`."""
 
@@ -183,7 +370,13 @@ class PollingSource:
         #: Partitions of the topics that get gap markers (looked up in ``run``).
         self._partitions: dict[str, list[int]] = {}
         self._limiters: dict[str, RateLimiter] = {}
-        self._reload_lock = asyncio.Lock()
+        self._committer = GroupCommit(self._commit_group, gather_s=self.settings.commit_gather_s)
+        self._shares: dict[str, float] = {}
+        #: Kafka failures seen (failed transactions, the guard's failed commits), and how
+        #: many of them the last successful state re-read covers: state may be behind
+        #: Kafka while ``_reloaded < _failures``, and no stream polls then.
+        self._failures = 0
+        self._reloaded = 0
         self._guard_reopened = asyncio.Event()
         self._last_ok: float | None = None
 
@@ -218,6 +411,7 @@ class PollingSource:
             for name, rc in self.exchange.rate_classes.items()
         }
         self._calls = GuardedCalls(None, m, ctx.name)
+        self._shares = self._budget_shares()
         self.exchange.attach(ctx)
         try:
             await self._run(ctx)
@@ -247,6 +441,7 @@ class PollingSource:
             self.transactional_id,
         )
         tasks = [asyncio.create_task(self._poll_loop(st), name=st.name) for st in self.streams]
+        tasks.append(asyncio.create_task(self._committer.run(), name="commit"))
         if self._guard is not None:
             spec = self._guard.spec
             watcher = ResetWatcher(
@@ -267,6 +462,27 @@ class PollingSource:
             for task in [*tasks, stop]:
                 task.cancel()
             await asyncio.gather(*tasks, stop, return_exceptions=True)
+
+    def _budget_shares(self) -> dict[str, float]:
+        """Per stream, the shortest time between two of its requests when its rate-limit
+        class runs at full budget: the streams of a class take turns."""
+        sharing: dict[str, int] = {}
+        for st in self.streams:
+            sharing[st.request.rate_class] = sharing.get(st.request.rate_class, 0) + 1
+        return {
+            st.name: sharing[st.request.rate_class]
+            / self._limiters[st.request.rate_class].requests_per_second
+            for st in self.streams
+        }
+
+    def _due(self, stream: PolledStream, started: float, sent_at: float | None) -> float:
+        """When ``stream`` could poll again anyway (event-loop time): ``interval_s`` after
+        this poll started, and not before its share of the rate-limit budget after this
+        request went out. A group commit holds a poll no longer than that."""
+        due = started + stream.interval_s
+        if sent_at is not None:
+            due = max(due, sent_at + self._shares.get(stream.name, 0.0))
+        return due
 
     def _exchange_fresh(self) -> bool:
         if self._last_ok is None:
@@ -307,25 +523,39 @@ class PollingSource:
             publish(self._guard, ctx.metrics, ctx.name)
 
     async def _reload_state(self) -> None:
-        async with self._reload_lock:
-            log.warning("%s: re-reading state from Kafka after a failed commit", self.ctx.name)
-            # A broker that lost its data (restarted empty) has no topics any more:
-            # create them again when allowed. The state read back is then empty, so the
-            # poller starts afresh in a new epoch (every record's resync_epoch changes);
-            # without permission to create topics it stops with that error (exit 1).
-            topics = self.topics()
-            try:
-                await asyncio.to_thread(ensure_topics, self.ctx.kafka, topics, topics)
-            except ConfigError as exc:
-                raise FatalError(f"Kafka lost this connector's topics: {exc}") from None
-            await asyncio.to_thread(self.ctx.transactions.start)
-            await self._load_state()
-
-    async def _retry_reload(self) -> None:
+        log.warning("%s: re-reading state from Kafka after a failed commit", self.ctx.name)
+        # A broker that lost its data (restarted empty) has no topics any more:
+        # create them again when allowed. The state read back is then empty, so the
+        # poller starts afresh in a new epoch (every record's resync_epoch changes);
+        # without permission to create topics it stops with that error (exit 1).
+        topics = self.topics()
         try:
-            await self._reload_state()
-        except RetriableError as exc:
-            log.warning("state reload failed (%s); will retry", exc)
+            await asyncio.to_thread(ensure_topics, self.ctx.kafka, topics, topics)
+        except ConfigError as exc:
+            raise FatalError(f"Kafka lost this connector's topics: {exc}") from None
+        await asyncio.to_thread(self.ctx.transactions.start)
+        await self._load_state()
+
+    def _stale(self) -> bool:
+        """A Kafka failure since the last state re-read: memory may be behind Kafka."""
+        return self._reloaded < self._failures
+
+    async def _refresh_state(self) -> bool:
+        """After Kafka failed: re-read state unless a re-read that started after every
+        failure seen so far already did (the polls of one failed transaction, or several
+        failures in a row, cost one re-read). No transaction runs meanwhile, so what is
+        read is everything committed. False when the re-read failed (logged)."""
+        async with self._committer.exclusive():
+            if not self._stale():
+                return True
+            covers = self._failures
+            try:
+                await self._reload_state()
+            except RetriableError as exc:
+                log.warning("state reload failed (%s); will retry", exc)
+                return False
+            self._reloaded = covers
+            return True
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -339,14 +569,33 @@ class PollingSource:
             channel="state",
         )
 
-    async def _commit(self, out: Sequence[OutRecord], state: Mapping[str, Any]) -> None:
-        """Records and state in one transaction; memory follows only after the commit."""
+    async def _commit(
+        self, stream: PolledStream, out: Sequence[OutRecord], state: Mapping[str, Any], due: float
+    ) -> None:
+        """One poll's records and state, committed atomically (with other polls' in one
+        transaction); returns once committed, or raises what the transaction raised.
+        ``due``: when its stream could poll again anyway (:meth:`_due`)."""
         if not out and not state:
             return
-        if self._state.get("epoch") != self._epoch:
-            state = {**state, "epoch": self._epoch}
-        batch = list(out) + [self._state_record(k, v) for k, v in state.items()]
-        await asyncio.to_thread(self.ctx.transactions.commit, batch)
+        await self._committer.submit(stream.name, out, state, due)
+
+    async def _commit_group(self, group: Sequence[Submission]) -> None:
+        """The committer's transaction: the records of every poll of the group in the
+        order they were submitted, then the state entries that cover them; memory
+        follows only after the commit."""
+        out: list[OutRecord] = []
+        state: dict[str, Any] = {}
+        for sub in group:
+            out.extend(sub.records)
+            state.update(sub.state)  # each stream its own entries; "epoch" set below
+        if self._state.get("epoch") != self._epoch or "epoch" in state:
+            state["epoch"] = self._epoch
+        out.extend(self._state_record(k, v) for k, v in state.items())
+        try:
+            await asyncio.to_thread(self.ctx.transactions.commit, out)
+        except RetriableError:
+            self._failures += 1  # once per failed transaction, however many polls it held
+            raise
         self._state.update(state)
 
     # -- auth guard ------------------------------------------------------------------
@@ -357,8 +606,7 @@ class PollingSource:
     async def _wait_for_guard(self) -> None:
         while self._guard_blocked() and not self.ctx.stop.is_set():
             self._guard_reopened.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._guard_reopened.wait(), timeout=1.0)
+            await wait_for_event(self._guard_reopened, 1.0)
 
     # -- polling ---------------------------------------------------------------------
 
@@ -372,63 +620,80 @@ class PollingSource:
             if stream.request.signed:
                 await self._wait_for_guard()
             started = loop.time()
-            try:
-                error = await self._poll_once(stream)
-            except RetriableError as exc:  # a Kafka transaction failed
-                delay = schedule.failed()
-                log.warning("%s: %s; retrying in %.1fs", stream.name, exc, delay)
-                await self._retry_reload()
-                started = loop.time()
+            if self._stale() and not await self._refresh_state():
+                # Never poll on state that may be behind Kafka (a re-read failed).
+                delay, from_now = schedule.failed(), True
             else:
-                if error is None:
-                    delay = schedule.polled()
-                elif isinstance(error, RejectedError):
-                    problem = self.exchange.misconfigured(error)
-                    if problem is not None:
-                        raise FatalError(f"{stream.name}: {problem}")
-                    log.error("%s: the exchange refused the request: %s", stream.name, error)
-                    self.ctx.metrics.exchange_errors.labels(self.ctx.name, str(error.status)).inc()
-                    delay = schedule.refused()
-                else:  # no usable answer (network, 5xx, 429)
-                    delay = schedule.failed()
-                    log.warning("%s: %s; retrying in %.1fs", stream.name, error, delay)
-                    started = loop.time()
+                delay, from_now = await self._poll_and_schedule(stream, schedule)
+            if from_now:
+                started = loop.time()
             wait = Schedule.wait(started, delay, loop.time())
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ctx.stop.wait(), timeout=wait)
+                await wait_for_event(self.ctx.stop, wait)
+
+    async def _poll_and_schedule(
+        self, stream: PolledStream, schedule: Schedule
+    ) -> tuple[float, bool]:
+        """One poll, and the delay until the next: counted from the poll's start, or from
+        now (True) after a failure."""
+        try:
+            error = await self._poll_once(stream)
+        except RetriableError as exc:  # a Kafka transaction failed
+            delay = schedule.failed()
+            log.warning("%s: %s; retrying in %.1fs", stream.name, exc, delay)
+            await self._refresh_state()
+            return delay, True
+        if error is None:
+            return schedule.polled(), False
+        if isinstance(error, RejectedError):
+            problem = self.exchange.misconfigured(error)
+            if problem is not None:
+                raise FatalError(f"{stream.name}: {problem}")
+            log.error("%s: the exchange refused the request: %s", stream.name, error)
+            self.ctx.metrics.exchange_errors.labels(self.ctx.name, str(error.status)).inc()
+            return schedule.refused(), False
+        # no usable answer (network, 5xx, 429)
+        delay = schedule.failed()
+        log.warning("%s: %s; retrying in %.1fs", stream.name, error, delay)
+        return delay, True
 
     async def _poll_once(self, stream: PolledStream) -> RetriableError | RejectedError | None:
         """One request and its transaction. Returns the exchange's failure (the loop
         backs off); raises RetriableError when a Kafka transaction failed."""
         assert self._calls is not None
         request = stream.request
-        outcome = await self._calls.call(
-            self._limiters[request.rate_class],
-            functools.partial(self.exchange.call, request),
-            signed=request.signed,
-        )
+        started = asyncio.get_running_loop().time()
+        try:
+            outcome = await self._calls.call(
+                self._limiters[request.rate_class],
+                functools.partial(self.exchange.call, request),
+                signed=request.signed,
+            )
+        except RetriableError:  # the auth guard's own transaction failed
+            self._failures += 1
+            raise
         if outcome.error is not None:
             return outcome.error
         answer = outcome.value
         if outcome.refused or answer is None:
             return None
         now_ms = self._now_ms()
+        due = self._due(stream, started, outcome.sent_at)
         if answer.error is not None:
-            await self._commit(
-                [self._dead_letter(stream, Dead(answer.text, answer.error), now_ms)], {}
-            )
+            dead = self._dead_letter(stream, Dead(answer.text, answer.error), now_ms)
+            await self._commit(stream, [dead], {}, due)
             return None
         try:
             rows = stream.rows(answer.payload)
         except BadMessage as exc:
-            await self._commit([self._dead_letter(stream, Dead(answer.text, exc), now_ms)], {})
+            dead = self._dead_letter(stream, Dead(answer.text, exc), now_ms)
+            await self._commit(stream, [dead], {}, due)
             return None
         # Only an answer of the documented shape counts as the exchange being there:
         # a run of HTML pages or error bodies must turn the poller not ready.
         self._last_ok = self._monotonic()
         out, state = self.records_of(stream, rows, now_ms)
-        await self._commit(out, state)
+        await self._commit(stream, out, state, due)
         return None
 
     # -- records ---------------------------------------------------------------------

@@ -22,7 +22,9 @@ until ``window`` after its *completion*: a request still in flight counts as ins
 every window. Whatever the delays, two arrivals can then never share a window
 beyond ``count``: the later request started only after the earlier one's answer came
 back, and that answer left the exchange after its arrival. The margin only covers
-rounding of the exchange's own clock there. Time slots are shared between processes
+rounding of the exchange's own clock there. The window starts when the answer is in
+hand: :meth:`Turn.answered`, called by the thread that read it, or else when the
+``slot`` block ends. Time slots are shared between processes
 that cannot see each other's completions, so there the margin absorbs the jitter.
 Every wait is reported through ``on_wait`` (metrics) with the seconds waited.
 """
@@ -72,6 +74,24 @@ class Share:
 _IN_FLIGHT_POLL_S = 0.001
 
 
+class Turn:
+    """One request's place in a sliding window (what :meth:`RateLimiter.slot` yields).
+
+    ``waited``: the seconds it waited for its turn. :meth:`answered` (from any thread)
+    says its answer is in: its window starts then, not when the ``slot`` block exits.
+    """
+
+    __slots__ = ("_id", "_limiter", "waited")
+
+    def __init__(self, limiter: RateLimiter, request_id: int, waited: float) -> None:
+        self._limiter = limiter
+        self._id = request_id
+        self.waited = waited
+
+    def answered(self) -> None:
+        self._limiter._done(self._id)
+
+
 class RateLimiter:
     """Wrap every request of one endpoint class in :meth:`slot` (or :meth:`slot_blocking`)."""
 
@@ -101,6 +121,8 @@ class RateLimiter:
         self._slot_used = 0
         self._lock = asyncio.Lock()
         self._thread_lock = threading.Lock()
+        #: Guards ``_anchors``: a request's answer may be stamped from a worker thread.
+        self._anchor_lock = threading.Lock()
 
     @property
     def requests_per_second(self) -> float:
@@ -111,7 +133,9 @@ class RateLimiter:
         """Seconds to wait before a request may start at ``now`` (0 = go). Pure."""
         if self.share.slots == 1:
             cutoff = now - self._period
-            busy = sorted(a for a in self._anchors.values() if a > cutoff)
+            with self._anchor_lock:
+                anchors = list(self._anchors.values())
+            busy = sorted(a for a in anchors if a > cutoff)
             excess = len(busy) - self.limit.count
             if excess < 0:
                 return 0.0
@@ -134,10 +158,11 @@ class RateLimiter:
     def _record(self, now: float) -> int:
         if self.share.slots == 1:
             cutoff = now - self._period
-            for old in [k for k, a in self._anchors.items() if a <= cutoff]:
-                del self._anchors[old]
             request_id = next(self._ids)
-            self._anchors[request_id] = math.inf  # in flight until _done
+            with self._anchor_lock:
+                for old in [k for k, a in self._anchors.items() if a <= cutoff]:
+                    del self._anchors[old]
+                self._anchors[request_id] = math.inf  # in flight until _done
             return request_id
         index = math.floor(now / self._period)
         if index != self._slot_index:
@@ -146,9 +171,12 @@ class RateLimiter:
         return -1
 
     def _done(self, request_id: int) -> None:
-        """The request's answer is in (or it failed): its window starts now."""
-        if request_id in self._anchors:
-            self._anchors[request_id] = self._clock()
+        """The request's answer is in (or it failed): its window starts now (the first
+        call counts; any thread)."""
+        now = self._clock()
+        with self._anchor_lock:
+            if self._anchors.get(request_id) == math.inf:
+                self._anchors[request_id] = now
 
     async def _wait_turn(self) -> tuple[int, float]:
         waited = 0.0
@@ -184,12 +212,13 @@ class RateLimiter:
         return request_id, waited
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """``async with limiter.slot(): <one request>`` — waits for a turn (yields the
-        seconds waited); the request's window starts when the block exits."""
+    async def slot(self) -> AsyncIterator[Turn]:
+        """``async with limiter.slot() as turn: <one request>`` — waits for a turn; the
+        request's window starts at ``turn.answered()`` or, at the latest, when the
+        block exits."""
         request_id, waited = await self._wait_turn()
         try:
-            yield waited
+            yield Turn(self, request_id, waited)
         finally:
             self._done(request_id)
 

@@ -116,6 +116,33 @@ def test_a_window_starts_at_the_answer_so_a_late_arrival_cannot_collide() -> Non
         assert began - answered >= 0.1 - 1e-9
 
 
+def test_a_window_starts_when_the_answer_is_in_hand_not_when_the_caller_resumes() -> None:
+    # The worker thread that read the answer stamps it; the event loop may resume the
+    # caller later. The next request waits a full window from the answer — no less
+    # (the rule), and no more (the budget is not wasted on the caller's delay).
+    clock = FakeTime()
+    limiter = RateLimiter(RateLimit(1, 0.1), margin=0.0, clock=clock, sleep=clock.sleep)
+
+    async def go() -> list[tuple[float, float]]:
+        spans = []
+        for _ in range(6):
+            async with limiter.slot() as turn:
+                began = clock.now
+                clock.now += 0.03  # the request and its answer
+                answered = clock.now
+                stamp = threading.Thread(target=turn.answered)
+                stamp.start()
+                stamp.join()
+                clock.now += 0.02  # the caller resumes later
+                turn.answered()  # a second stamp does not move the window
+            spans.append((began, answered))
+        return spans
+
+    spans = asyncio.run(go())
+    for (_, answered), (began, _) in pairwise(spans):
+        assert began - answered == pytest.approx(0.1 + 0.0005, abs=1e-6)
+
+
 def test_requests_in_flight_fill_the_window_whatever_their_arrival() -> None:
     clock = VirtualTime(1_000_000.0)
     limiter = RateLimiter(RateLimit(3, 0.1), margin=0.0, clock=clock, sleep=clock.sleep)
