@@ -1,6 +1,6 @@
 """``python -m bench``: every benchmark in one run, results in ``bench/results/``.
 
-    python -m bench                  # the whole benchmark (about 10 minutes on 2 cores)
+    python -m bench                  # the whole benchmark (about 12 minutes on 2 cores)
     python -m bench --smoke          # tiny scale, checks the harness works (CI)
     python -m bench --only sink      # one part: cryptomus, poller, sink, faults
 

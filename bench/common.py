@@ -28,7 +28,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Scale:
-    """How big each measurement is. ``FULL`` fits the 10-minute budget on 2 cores."""
+    """How big each measurement is. ``FULL`` takes about 12 minutes on 2 cores."""
 
     name: str
     #: Seconds of load per fixed-rate run of the Cryptomus source (and the naive peer).

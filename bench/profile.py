@@ -20,8 +20,8 @@ from typing import Any
 STAGES = (
     ("websockets: read and decode frames", ("websockets/",)),
     ("parse the exchange frame (protocol.parse_frame)", ("parse_frame",)),
-    ("encode the record envelope (records.envelope)", ("envelope (",)),
-    ("Delivery.send on the event loop (incl. KafkaProducer.send)", ("Delivery.send",)),
+    ("encode the record envelope (records.Envelopes)", ("envelope (", "Envelopes.encode (")),
+    ("Delivery.send on the event loop (incl. the producer's send)", ("Delivery.send",)),
     ("KafkaProducer.send: batching on the event loop", (";KafkaProducer.send (",)),
     ("kafka-python network thread (requests, acks, callbacks)", ("-network-thread",)),
     ("librdkafka poll thread (delivery callbacks)", ("rdkafka-poll",)),
